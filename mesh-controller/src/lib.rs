@@ -1,0 +1,1 @@
+//! The cluster controller: sources, translation to per-node views, the CA and the gRPC server.

@@ -1,0 +1,6 @@
+//! Kernel programs; built for `bpfel-unknown-none` by mesh-node's build script.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}

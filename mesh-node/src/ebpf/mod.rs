@@ -1,0 +1,1 @@
+//! Loading, attaching and pinning the capture programs, and access to their maps.

@@ -1,0 +1,3 @@
+//! mesh-node: the per-node agent. It loads the capture programs into the kernel and runs the
+//! node proxy that carries the traffic of every enrolled pod on this node.
+pub mod ebpf;

@@ -1,0 +1,1 @@
+//! The netns cluster harness: nodes and pods out of network namespaces and cgroups.

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# Idempotent set-up of everything a fresh Debian machine needs to build and test mesh:
+# the Debian Rust toolchain that can target bpfel-unknown-none, a bpf-linker built against
+# the same libLLVM, and the tools the tests and benchmarks drive. Quick when all is present.
+set -euo pipefail
+
+log() { printf 'setup: %s\n' "$*" >&2; }
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "setup: must run as root (apt-get, bpffs and network namespaces need it)" >&2
+  exit 1
+fi
+
+APT=(apt-get -o DPkg::Lock::Timeout=600 -y -q)
+PKGS=(rustc-web cargo-web rust-web-src bpftool iproute2 iputils-ping wrk iperf3 nghttp2-client curl tcpdump)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${APT[@]}" update >/dev/null
+  "${APT[@]}" install --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# The LLVM major of Debian's rustc decides which libLLVM bpf-linker must link.
+llvm_major=$(/usr/bin/rustc -vV | sed -n 's/^LLVM version: \([0-9]*\).*/\1/p')
+if [ -z "$llvm_major" ]; then
+  echo "setup: cannot read the LLVM version from /usr/bin/rustc -vV" >&2
+  exit 1
+fi
+if ! dpkg-query -W -f='${Status}' "llvm-${llvm_major}-dev" 2>/dev/null | grep -q "install ok installed"; then
+  log "installing llvm-${llvm_major}-dev"
+  export DEBIAN_FRONTEND=noninteractive
+  "${APT[@]}" update >/dev/null
+  "${APT[@]}" install --no-install-recommends "llvm-${llvm_major}-dev" >/dev/null
+fi
+
+if ! rustup toolchain list | grep -q '^debian-bpf'; then
+  log "linking rustup toolchain debian-bpf -> /usr"
+  rustup toolchain link debian-bpf /usr
+fi
+
+linker=$(command -v bpf-linker || true)
+if [ -z "$linker" ] || ! ldd "$linker" | grep -q "libLLVM.so.${llvm_major}"; then
+  log "building bpf-linker for LLVM ${llvm_major}"
+  LLVM_PREFIX="/usr/lib/llvm-${llvm_major}" cargo install --locked --force bpf-linker@0.13.0 \
+    --no-default-features --features "llvm-${llvm_major}" >/dev/null
+fi
+
+# Kernel facilities the e2e tests and the agent use.
+if ! mountpoint -q /sys/fs/bpf; then
+  mkdir -p /sys/fs/bpf
+  mount -t bpf bpf /sys/fs/bpf
+fi
+log "ready (LLVM ${llvm_major})"
