@@ -1,1 +1,8 @@
 //! The cluster controller: sources, translation to per-node views, the CA and the gRPC server.
+
+pub mod ca;
+pub mod cluster;
+pub mod diff;
+pub mod session;
+pub mod store;
+pub mod translate;

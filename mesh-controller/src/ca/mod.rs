@@ -1,0 +1,192 @@
+//! The mesh CA: a root created on first start and kept in files, signing X.509-SVIDs.
+//!
+//! The root signs leaves directly (no intermediate yet): the chain handed out is
+//! `[leaf, root]`. Rotation will add an intermediate and a second trusted root side by side;
+//! until then the root lives 10 years. Leaves carry only the URI SAN of their SPIFFE ID (an
+//! empty subject, so the SAN is critical), digitalSignature + keyEncipherment, serverAuth +
+//! clientAuth, a random 127-bit serial, and are backdated a little against clock skew.
+
+pub mod csr;
+mod files;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use mesh_api::Identity;
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+    KeyPair, KeyUsagePurpose, SanType, SerialNumber, SubjectPublicKeyInfo,
+};
+use ring::rand::{SecureRandom, SystemRandom};
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use time::OffsetDateTime;
+
+use self::csr::CsrInfo;
+use self::files::RootFiles;
+
+const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// Certificates start this long before they are issued, for nodes whose clocks lag.
+const BACKDATE: Duration = Duration::from_secs(5 * 60);
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} has mode {mode:o}: a root key must be readable by its owner only (0600)")]
+    KeyPermissions { path: PathBuf, mode: u32 },
+    #[error("{missing} is missing while the other root file exists; restore it or remove both")]
+    Incomplete { missing: PathBuf },
+    #[error("root in {dir}: {reason}")]
+    InvalidRoot { dir: PathBuf, reason: String },
+    #[error("certificate generation: {0}")]
+    Rcgen(#[from] rcgen::Error),
+    #[error("lifetime {0:?} is out of range")]
+    Lifetime(Duration),
+    #[error("the system random generator failed")]
+    Random,
+}
+
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    root_pem: String,
+    root_der: CertificateDer<'static>,
+    leaf_lifetime: Duration,
+}
+
+impl Ca {
+    /// Loads the root from `dir`, creating it on first start.
+    pub fn load_or_create(dir: &Path, leaf_lifetime: Duration) -> Result<Ca, CaError> {
+        let root = match files::load(dir)? {
+            Some(root) => root,
+            None => {
+                let root = new_root()?;
+                files::store(dir, &root)?;
+                tracing::info!(dir = %dir.display(), "created a new mesh root");
+                root
+            }
+        };
+        let invalid = |reason: &dyn std::fmt::Display| CaError::InvalidRoot {
+            dir: dir.to_owned(),
+            reason: reason.to_string(),
+        };
+        let key = KeyPair::from_pem(&root.key_pem).map_err(|e| invalid(&e))?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(root.cert_pem.as_bytes()).map_err(|e| invalid(&e))?;
+        let cert = pem.parse_x509().map_err(|e| invalid(&e))?;
+        if cert.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(invalid(&"root.pem does not belong to root.key"));
+        }
+        if !cert.validity().is_valid() {
+            return Err(invalid(&format!(
+                "root.pem is not valid now (until {})",
+                cert.validity().not_after
+            )));
+        }
+        let root_der = CertificateDer::from(pem.contents.clone());
+        let issuer = Issuer::from_ca_cert_der(&root_der, key)?;
+        Ok(Ca {
+            issuer,
+            root_pem: root.cert_pem,
+            root_der,
+            leaf_lifetime,
+        })
+    }
+
+    /// The root certificate nodes pin, PEM.
+    pub fn root_pem(&self) -> &str {
+        &self.root_pem
+    }
+
+    pub fn root_der(&self) -> &CertificateDer<'static> {
+        &self.root_der
+    }
+
+    /// Signs an X.509-SVID for `identity` over the key of a CSR that [`csr::decide`] has
+    /// accepted; returns the chain, PEM, leaf first.
+    pub fn sign(&self, identity: &Identity, csr: &CsrInfo) -> Result<Vec<String>, CaError> {
+        let mut params = leaf_params(self.leaf_lifetime)?;
+        params.subject_alt_names = vec![SanType::URI(identity.to_string().try_into()?)];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let public_key = SubjectPublicKeyInfo::from_der(&csr.public_key)?;
+        let cert = params.signed_by(&public_key, &self.issuer)?;
+        Ok(vec![cert.pem(), self.root_pem.clone()])
+    }
+
+    /// A fresh key and certificate for the controller's own TLS listener.
+    pub fn issue_serving(
+        &self,
+        names: &[SanType],
+        lifetime: Duration,
+    ) -> Result<(CertificateDer<'static>, PrivatePkcs8KeyDer<'static>), CaError> {
+        let key = KeyPair::generate()?;
+        let mut params = leaf_params(lifetime)?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "mesh-controller");
+        params.subject_alt_names = names.to_vec();
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.der().clone(), PrivatePkcs8KeyDer::from(key.serialize_der())))
+    }
+}
+
+fn leaf_params(lifetime: Duration) -> Result<CertificateParams, CaError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.is_ca = IsCa::ExplicitNoCa;
+    params.use_authority_key_identifier_extension = true;
+    params.serial_number = Some(random_serial()?);
+    (params.not_before, params.not_after) = validity(lifetime)?;
+    Ok(params)
+}
+
+fn new_root() -> Result<RootFiles, CaError> {
+    let key = KeyPair::generate()?;
+    let mut params = CertificateParams::default();
+    params.distinguished_name = DistinguishedName::new();
+    params.distinguished_name.push(DnType::OrganizationName, "mesh");
+    params.distinguished_name.push(DnType::CommonName, "mesh root CA");
+    // Path length 1 leaves room for the intermediate that rotation will bring.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.serial_number = Some(random_serial()?);
+    (params.not_before, params.not_after) = validity(ROOT_LIFETIME)?;
+    let cert = params.self_signed(&key)?;
+    Ok(RootFiles {
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+    })
+}
+
+fn validity(lifetime: Duration) -> Result<(OffsetDateTime, OffsetDateTime), CaError> {
+    let now = OffsetDateTime::now_utc();
+    let span = |d: Duration| time::Duration::try_from(d).map_err(|_| CaError::Lifetime(d));
+    let not_after = now
+        .checked_add(span(lifetime)?)
+        .ok_or(CaError::Lifetime(lifetime))?;
+    Ok((now - span(BACKDATE)?, not_after))
+}
+
+fn random_serial() -> Result<SerialNumber, CaError> {
+    let mut bytes = [0u8; 16];
+    SystemRandom::new()
+        .fill(&mut bytes)
+        .map_err(|_| CaError::Random)?;
+    // A serial is a positive integer: clearing the top bit keeps it so in 16 bytes.
+    bytes[0] &= 0x7f;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+#[cfg(test)]
+mod tests;
