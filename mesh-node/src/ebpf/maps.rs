@@ -1,0 +1,228 @@
+//! Typed access to the pinned maps: configuration, exclusions, enrollment, counters, and the
+//! original-destination lookup the proxy can use instead of `SO_ORIGINAL_DST`.
+
+use std::{
+    collections::{BTreeSet, HashMap as StdHashMap},
+    net::SocketAddr,
+};
+
+use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
+use ipnet::IpNet;
+use mesh_common::{
+    self as common, addr_from_ip, Enrollment, OrigDst, ProxyConfig, SockKey, COUNTER_COUNT, COUNTER_NAMES,
+    ENROLL_CAPTURE_OUTBOUND,
+};
+
+use super::{error::EbpfError, DatapathConfig, EnrollDiff};
+
+pub(crate) struct Maps {
+    config: Array<MapData, ProxyConfig>,
+    enrolled: HashMap<MapData, u64, Enrollment>,
+    tuple_dst: HashMap<MapData, SockKey, OrigDst>,
+    excl_ports: HashMap<MapData, u16, u8>,
+    excl_cidrs: LpmTrie<MapData, [u32; 4], u8>,
+    counters: PerCpuArray<MapData, u64>,
+}
+
+fn take<T>(maps: &mut StdHashMap<&'static str, MapData>, name: &'static str) -> Result<T, EbpfError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    let data = maps.remove(name).ok_or_else(|| EbpfError::Aya {
+        action: format!("opening map {name}"),
+        err: "not in the pinned set".into(),
+    })?;
+    let map = Map::from_map_data(data).map_err(|e| EbpfError::aya(format!("opening map {name}"), e))?;
+    T::try_from(map).map_err(|e| EbpfError::aya(format!("opening map {name}"), e))
+}
+
+impl Maps {
+    pub(crate) fn new(mut maps: StdHashMap<&'static str, MapData>) -> Result<Maps, EbpfError> {
+        Ok(Maps {
+            config: take(&mut maps, common::MAP_CONFIG)?,
+            enrolled: take(&mut maps, common::MAP_ENROLLED)?,
+            tuple_dst: take(&mut maps, common::MAP_TUPLE_DST)?,
+            excl_ports: take(&mut maps, common::MAP_EXCL_PORTS)?,
+            excl_cidrs: take(&mut maps, common::MAP_EXCL_CIDRS)?,
+            counters: take(&mut maps, common::MAP_COUNTERS)?,
+        })
+    }
+
+    /// Writes the proxy config and makes the exclusion maps equal the desired ones. New
+    /// entries go in before old ones come out, so nothing still wanted is ever missing.
+    pub(crate) fn apply_config(&mut self, cfg: &DatapathConfig) -> Result<(), EbpfError> {
+        let proxy = ProxyConfig::new(cfg.proxy_ipv4, cfg.proxy_ipv6, cfg.outbound_port);
+        self.config
+            .set(0, proxy, 0)
+            .map_err(|e| EbpfError::aya("writing mesh_config", e))?;
+
+        let want_ports: BTreeSet<u16> = cfg.exclude_ports.iter().copied().collect();
+        let have_ports = self
+            .excl_ports
+            .keys()
+            .collect::<Result<BTreeSet<u16>, _>>()
+            .map_err(|e| EbpfError::aya("reading mesh_excl_ports", e))?;
+        for port in want_ports.difference(&have_ports) {
+            self.excl_ports
+                .insert(port, 1, 0)
+                .map_err(|e| EbpfError::aya(format!("excluding port {port}"), e))?;
+        }
+        for port in have_ports.difference(&want_ports) {
+            remove_ok(self.excl_ports.remove(port))
+                .map_err(|e| EbpfError::aya("updating mesh_excl_ports", e))?;
+        }
+
+        let want_cidrs: BTreeSet<(u32, [u32; 4])> = cfg.exclude_cidrs.iter().map(cidr_key).collect();
+        let have_cidrs = self
+            .excl_cidrs
+            .keys()
+            .map(|k| k.map(|k| (k.prefix_len(), k.data())))
+            .collect::<Result<BTreeSet<_>, _>>()
+            .map_err(|e| EbpfError::aya("reading mesh_excl_cidrs", e))?;
+        for (prefix, addr) in want_cidrs.difference(&have_cidrs) {
+            self.excl_cidrs
+                .insert(&Key::new(*prefix, *addr), 1, 0)
+                .map_err(|e| EbpfError::aya("updating mesh_excl_cidrs", e))?;
+        }
+        for (prefix, addr) in have_cidrs.difference(&want_cidrs) {
+            remove_ok(self.excl_cidrs.remove(&Key::new(*prefix, *addr)))
+                .map_err(|e| EbpfError::aya("updating mesh_excl_cidrs", e))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn enrolled(&self) -> Result<BTreeSet<u64>, EbpfError> {
+        self.enrolled
+            .keys()
+            .collect::<Result<BTreeSet<u64>, _>>()
+            .map_err(|e| EbpfError::aya("reading mesh_enrolled", e))
+    }
+
+    /// Makes `mesh_enrolled` equal `desired`.
+    pub(crate) fn set_enrolled(&mut self, desired: &BTreeSet<u64>) -> Result<EnrollDiff, EbpfError> {
+        let have = self.enrolled()?;
+        let value = Enrollment {
+            flags: ENROLL_CAPTURE_OUTBOUND,
+            reserved: 0,
+        };
+        let added: Vec<u64> = desired.difference(&have).copied().collect();
+        let removed: Vec<u64> = have.difference(desired).copied().collect();
+        for id in &added {
+            self.enrolled
+                .insert(id, value, 0)
+                .map_err(|e| EbpfError::aya(format!("enrolling cgroup {id}"), e))?;
+        }
+        for id in &removed {
+            remove_ok(self.enrolled.remove(id))
+                .map_err(|e| EbpfError::aya(format!("unenrolling cgroup {id}"), e))?;
+        }
+        Ok(EnrollDiff { added, removed })
+    }
+
+    /// Adds cgroup ids (carried over from a replaced set) without removing any.
+    pub(crate) fn add_enrolled(&mut self, ids: &BTreeSet<u64>) -> Result<(), EbpfError> {
+        let value = Enrollment {
+            flags: ENROLL_CAPTURE_OUTBOUND,
+            reserved: 0,
+        };
+        for id in ids {
+            self.enrolled
+                .insert(id, value, 0)
+                .map_err(|e| EbpfError::aya(format!("enrolling cgroup {id}"), e))?;
+        }
+        Ok(())
+    }
+
+    pub(crate) fn counters(&self) -> Result<Vec<(&'static str, u64)>, EbpfError> {
+        (0..COUNTER_COUNT)
+            .map(|i| {
+                let per_cpu = self
+                    .counters
+                    .get(&i, 0)
+                    .map_err(|e| EbpfError::aya("reading mesh_counters", e))?;
+                let sum = per_cpu.iter().fold(0u64, |acc, v| acc.wrapping_add(*v));
+                Ok((COUNTER_NAMES[i as usize], sum))
+            })
+            .collect()
+    }
+
+    pub(crate) fn original_dst(
+        &self,
+        peer: SocketAddr,
+        local: SocketAddr,
+    ) -> Result<Option<SocketAddr>, EbpfError> {
+        match self.tuple_dst.get(&SockKey::new(peer, local), 0) {
+            Ok(orig) => Ok(Some(orig.socket_addr())),
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(EbpfError::aya("reading mesh_tuple_dst", e)),
+        }
+    }
+
+    pub(crate) fn proxy_config(&self) -> Result<ProxyConfig, EbpfError> {
+        self.config
+            .get(&0, 0)
+            .map_err(|e| EbpfError::aya("reading mesh_config", e))
+    }
+
+    pub(crate) fn exclusions(&self) -> Result<(BTreeSet<u16>, BTreeSet<IpNet>), EbpfError> {
+        let ports = self
+            .excl_ports
+            .keys()
+            .collect::<Result<BTreeSet<u16>, _>>()
+            .map_err(|e| EbpfError::aya("reading mesh_excl_ports", e))?;
+        let cidrs = self
+            .excl_cidrs
+            .keys()
+            .map(|k| k.map(|k| cidr_of_key(k.prefix_len(), &k.data())))
+            .collect::<Result<BTreeSet<IpNet>, _>>()
+            .map_err(|e| EbpfError::aya("reading mesh_excl_cidrs", e))?;
+        Ok((ports, cidrs))
+    }
+}
+
+/// A removal of something already gone is a success.
+fn remove_ok(r: Result<(), MapError>) -> Result<(), MapError> {
+    match r {
+        Err(MapError::KeyNotFound) => Ok(()),
+        other => other,
+    }
+}
+
+/// The LPM key of a CIDR: network address in v6 form, IPv4 prefixes offset by 96.
+fn cidr_key(net: &IpNet) -> (u32, [u32; 4]) {
+    let net = net.trunc();
+    let prefix = match net {
+        IpNet::V4(v4) => u32::from(v4.prefix_len()) + common::CIDR_V4_MAPPED_OFFSET,
+        IpNet::V6(v6) => u32::from(v6.prefix_len()),
+    };
+    (prefix, addr_from_ip(net.addr()))
+}
+
+fn cidr_of_key(prefix: u32, addr: &[u32; 4]) -> IpNet {
+    let ip = common::ip_from_addr(addr);
+    let len = if ip.is_ipv4() {
+        prefix.saturating_sub(common::CIDR_V4_MAPPED_OFFSET)
+    } else {
+        prefix
+    };
+    IpNet::new(ip, len.min(128) as u8).unwrap_or_else(|_| IpNet::from(ip))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cidr_keys_are_v6_form() {
+        let (p, a) = cidr_key(&"10.1.2.3/8".parse().unwrap());
+        assert_eq!(p, 104);
+        assert_eq!(
+            common::octets_from_addr(&a),
+            std::net::Ipv4Addr::new(10, 0, 0, 0).to_ipv6_mapped().octets()
+        );
+        assert_eq!(cidr_of_key(p, &a), "10.0.0.0/8".parse::<IpNet>().unwrap());
+        let (p, a) = cidr_key(&"2001:db8::1/32".parse().unwrap());
+        assert_eq!(p, 32);
+        assert_eq!(cidr_of_key(p, &a), "2001:db8::/32".parse::<IpNet>().unwrap());
+    }
+}
