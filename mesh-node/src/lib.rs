@@ -1,3 +1,7 @@
 //! mesh-node: the per-node agent. It loads the capture programs into the kernel and runs the
 //! node proxy that carries the traffic of every enrolled pod on this node.
+pub mod config;
 pub mod ebpf;
+pub mod enrollment;
+pub mod proxy;
+pub mod workloads;

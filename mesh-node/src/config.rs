@@ -1,0 +1,266 @@
+//! The agent's configuration: command-line flags and environment, validated into one `Config`
+//! that every other module reads.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use ipnet::IpNet;
+use thiserror::Error;
+
+use crate::ebpf::DatapathConfig;
+
+/// The ports of DESIGN.md §5 that the agent owns.
+pub const OUTBOUND_PORT: u16 = 15001;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "mesh-node",
+    version,
+    about = "mesh node agent: captures enrolled pods' TCP connections in the kernel and proxies them",
+    args_conflicts_with_subcommands = true
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Detach every capture program and remove the pinned state, then exit.
+    Uninstall {
+        /// bpffs directory holding the agent's pins.
+        #[arg(long, env = "MESH_BPFFS_DIR", default_value = "/sys/fs/bpf/mesh")]
+        bpffs_dir: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Name of this node, used in logs (defaults to the host name).
+    #[arg(long, env = "MESH_NODE_NAME")]
+    pub node_name: Option<String>,
+
+    /// Node address that enrolled pods' connections are redirected to: one IPv4 and/or one
+    /// IPv6 address, reachable from inside the pods (e.g. the node's InternalIP).
+    #[arg(
+        long = "node-ip",
+        env = "MESH_NODE_IPS",
+        value_delimiter = ',',
+        required = true
+    )]
+    pub node_ips: Vec<IpAddr>,
+
+    /// bpffs directory where maps and program links are pinned; a restarted agent re-uses them.
+    #[arg(long, env = "MESH_BPFFS_DIR", default_value = "/sys/fs/bpf/mesh")]
+    pub bpffs_dir: PathBuf,
+
+    /// cgroup v2 directory that holds every pod's cgroup (the kubelet's pods root); the capture
+    /// programs attach here once. Defaults to the root of the cgroup v2 hierarchy.
+    #[arg(long, env = "MESH_PODS_CGROUP")]
+    pub pods_cgroup: Option<PathBuf>,
+
+    /// Port of the outbound capture listener.
+    #[arg(long, env = "MESH_OUTBOUND_PORT", default_value_t = OUTBOUND_PORT)]
+    pub outbound_port: u16,
+
+    /// Destination ports never captured (comma-separated or repeated).
+    #[arg(long = "exclude-port", env = "MESH_EXCLUDE_PORTS", value_delimiter = ',')]
+    pub exclude_ports: Vec<u16>,
+
+    /// Destination CIDRs never captured (comma-separated or repeated).
+    #[arg(long = "exclude-cidr", env = "MESH_EXCLUDE_CIDRS", value_delimiter = ',')]
+    pub exclude_cidrs: Vec<IpNet>,
+
+    /// JSON file listing this node's enrolled workloads; re-read when it changes.
+    #[arg(long, env = "MESH_WORKLOADS_FILE")]
+    pub workloads_file: Option<PathBuf>,
+
+    /// How often the kernel's enrollment state is reconciled against the desired state.
+    #[arg(long, env = "MESH_RECONCILE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub reconcile_interval: Duration,
+
+    /// How long in-flight connections may take to finish after SIGTERM.
+    #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Timeout for the proxy's connect to the original destination.
+    #[arg(long, env = "MESH_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub connect_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    /// Log filter, in tracing's EnvFilter syntax (e.g. `info,mesh_node::proxy=debug`).
+    #[arg(long, env = "MESH_LOG", default_value = "info")]
+    pub log: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration of a running agent.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub node_name: String,
+    pub datapath: DatapathConfig,
+    pub outbound_listeners: Vec<SocketAddr>,
+    pub workloads_file: Option<PathBuf>,
+    pub reconcile_interval: Duration,
+    pub drain_timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("--node-ip: give at most one IPv4 and one IPv6 address, got {0:?}")]
+    TooManyNodeIps(Vec<IpAddr>),
+    #[error("--node-ip: {0} cannot be a redirect target (loopback, unspecified or multicast)")]
+    UnusableNodeIp(IpAddr),
+    #[error("--outbound-port: must not be 0")]
+    ZeroOutboundPort,
+    #[error("--exclude-port: 0 is not a port")]
+    ZeroExcludedPort,
+}
+
+impl RunArgs {
+    /// Validates the flags; `pods_cgroup` and `proxy_cgroup` come from the host when not given.
+    pub fn into_config(
+        self,
+        default_pods_cgroup: PathBuf,
+        proxy_cgroup: PathBuf,
+        host_name: String,
+    ) -> Result<Config, ConfigError> {
+        let (ipv4, ipv6) = split_node_ips(&self.node_ips)?;
+        if self.outbound_port == 0 {
+            return Err(ConfigError::ZeroOutboundPort);
+        }
+        if self.exclude_ports.contains(&0) {
+            return Err(ConfigError::ZeroExcludedPort);
+        }
+        let outbound_listeners = [
+            ipv4.map(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.outbound_port))),
+            ipv6.map(|_| SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.outbound_port))),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        Ok(Config {
+            node_name: self.node_name.unwrap_or(host_name),
+            datapath: DatapathConfig {
+                pin_dir: self.bpffs_dir,
+                pods_cgroup: self.pods_cgroup.unwrap_or(default_pods_cgroup),
+                proxy_cgroup,
+                proxy_ipv4: ipv4,
+                proxy_ipv6: ipv6,
+                outbound_port: self.outbound_port,
+                exclude_ports: self.exclude_ports,
+                exclude_cidrs: self.exclude_cidrs,
+            },
+            outbound_listeners,
+            workloads_file: self.workloads_file,
+            reconcile_interval: self.reconcile_interval,
+            drain_timeout: self.drain_timeout,
+            connect_timeout: self.connect_timeout,
+        })
+    }
+}
+
+fn split_node_ips(ips: &[IpAddr]) -> Result<(Option<Ipv4Addr>, Option<Ipv6Addr>), ConfigError> {
+    let mut v4 = None;
+    let mut v6 = None;
+    for ip in ips {
+        if ip.is_loopback() || ip.is_unspecified() || ip.is_multicast() {
+            return Err(ConfigError::UnusableNodeIp(*ip));
+        }
+        let duplicate = match ip {
+            IpAddr::V4(a) => v4.replace(*a).is_some(),
+            IpAddr::V6(a) => v6.replace(*a).is_some(),
+        };
+        if duplicate {
+            return Err(ConfigError::TooManyNodeIps(ips.to_vec()));
+        }
+    }
+    Ok((v4, v6))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, String> {
+        let cli = Cli::try_parse_from(["mesh-node"].iter().chain(args)).map_err(|e| e.to_string())?;
+        cli.run
+            .into_config("/cg".into(), "/cg/agent".into(), "host".into())
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn dual_stack_node_gets_two_listeners() {
+        let c = parse(&["--node-ip", "10.0.0.1,fd00::1"]).unwrap();
+        assert_eq!(c.datapath.proxy_ipv4, Some("10.0.0.1".parse().unwrap()));
+        assert_eq!(c.datapath.proxy_ipv6, Some("fd00::1".parse().unwrap()));
+        assert_eq!(
+            c.outbound_listeners,
+            vec!["0.0.0.0:15001".parse().unwrap(), "[::]:15001".parse().unwrap()]
+        );
+        assert_eq!(c.node_name, "host");
+        assert_eq!(c.datapath.pods_cgroup, PathBuf::from("/cg"));
+    }
+
+    #[test]
+    fn ipv4_only_node_listens_on_ipv4_only() {
+        let c = parse(&["--node-ip", "10.0.0.1", "--outbound-port", "16001"]).unwrap();
+        assert_eq!(c.datapath.proxy_ipv6, None);
+        assert_eq!(c.outbound_listeners, vec!["0.0.0.0:16001".parse().unwrap()]);
+    }
+
+    #[test]
+    fn bad_input_names_the_flag() {
+        for (args, want) in [
+            (vec!["--node-ip", "10.0.0.1,10.0.0.2"], "--node-ip"),
+            (vec!["--node-ip", "127.0.0.1"], "--node-ip"),
+            (vec!["--node-ip", "::"], "--node-ip"),
+            (
+                vec!["--node-ip", "10.0.0.1", "--outbound-port", "0"],
+                "--outbound-port",
+            ),
+            (
+                vec!["--node-ip", "10.0.0.1", "--exclude-port", "0"],
+                "--exclude-port",
+            ),
+            (
+                vec!["--node-ip", "10.0.0.1", "--exclude-cidr", "10.0.0.0/33"],
+                "--exclude-cidr",
+            ),
+            (vec!["--node-ip", "nonsense"], "--node-ip"),
+            (vec![], "--node-ip"),
+        ] {
+            let err = parse(&args).unwrap_err();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn exclusions_are_lists() {
+        let c = parse(&[
+            "--node-ip",
+            "10.0.0.1",
+            "--exclude-port",
+            "22,53",
+            "--exclude-cidr",
+            "169.254.0.0/16",
+            "--exclude-cidr",
+            "fd00:99::/64",
+        ])
+        .unwrap();
+        assert_eq!(c.datapath.exclude_ports, vec![22, 53]);
+        assert_eq!(c.datapath.exclude_cidrs.len(), 2);
+    }
+}
