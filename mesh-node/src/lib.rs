@@ -4,4 +4,5 @@ pub mod config;
 pub mod ebpf;
 pub mod enrollment;
 pub mod proxy;
+pub mod tls;
 pub mod workloads;

@@ -1,5 +1,6 @@
 //! The node proxy. One module per direction (DESIGN.md §5); this foundation has the outbound
 //! capture listener, which passes connections through as plain TCP.
+pub mod hbone;
 pub mod listener;
 pub mod orig_dst;
 pub mod outbound;
