@@ -3,6 +3,8 @@
 pub mod ca;
 pub mod cluster;
 pub mod diff;
+pub mod server;
 pub mod session;
+pub mod sources;
 pub mod store;
 pub mod translate;

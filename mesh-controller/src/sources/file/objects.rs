@@ -1,0 +1,463 @@
+//! The Kubernetes objects the file source reads, with only the fields the mesh uses (serde
+//! ignores the rest), and their conversion to the cluster model. Every refusal names the
+//! field at fault.
+
+use std::net::IpAddr;
+
+use mesh_api::{Action, Identity, Labels, Operation, Policy, Protocol, Rule, Source, TrustDomain};
+use serde::Deserialize;
+
+use crate::cluster::{
+    EndpointPort, EndpointSlice, Namespace, Pod, Service, ServicePort, SliceEndpoint, TargetPort,
+};
+
+/// A field that keeps an object out, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    pub field: String,
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Deserialize)]
+pub struct Metadata {
+    #[serde(default)]
+    pub name: String,
+    pub namespace: Option<String>,
+    pub uid: Option<String>,
+    #[serde(default)]
+    pub labels: Labels,
+}
+
+impl Metadata {
+    pub fn namespace(&self) -> &str {
+        self.namespace.as_deref().unwrap_or("default")
+    }
+
+    /// Names become SPIFFE path segments and map keys: they must be non-empty and plain.
+    fn check(&self, namespaced: bool) -> Result<(), Invalid> {
+        check_segment("metadata.name", &self.name)?;
+        if namespaced {
+            check_segment("metadata.namespace", self.namespace())?;
+        }
+        Ok(())
+    }
+}
+
+fn check_segment(field: &str, value: &str) -> Result<(), Invalid> {
+    Identity::new(TrustDomain::default(), value, "x")
+        .map(drop)
+        .map_err(|e| invalid(field, e.to_string()))
+}
+
+fn protocol(field: &str, value: Option<&str>) -> Result<Protocol, Invalid> {
+    match value {
+        None | Some("TCP") => Ok(Protocol::Tcp),
+        Some("UDP") => Ok(Protocol::Udp),
+        Some("SCTP") => Ok(Protocol::Sctp),
+        Some(other) => Err(invalid(
+            field,
+            format!("protocol {other:?} is not TCP, UDP or SCTP"),
+        )),
+    }
+}
+
+fn port(field: &str, value: u16) -> Result<u16, Invalid> {
+    if value == 0 {
+        return Err(invalid(field, "port 0"));
+    }
+    Ok(value)
+}
+
+#[derive(Deserialize)]
+pub struct NamespaceDoc {
+    metadata: Metadata,
+}
+
+impl NamespaceDoc {
+    pub fn into_namespace(self) -> Result<Namespace, Invalid> {
+        self.metadata.check(false)?;
+        Ok(Namespace {
+            name: self.metadata.name,
+            labels: self.metadata.labels,
+        })
+    }
+}
+
+#[derive(Deserialize)]
+pub struct PodDoc {
+    pub metadata: Metadata,
+    #[serde(default)]
+    spec: PodSpec,
+    #[serde(default)]
+    status: PodStatus,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct PodSpec {
+    node_name: Option<String>,
+    service_account_name: Option<String>,
+    #[serde(default)]
+    host_network: bool,
+}
+
+#[derive(Default, Deserialize)]
+struct PodStatus {
+    #[serde(rename = "podIP")]
+    pod_ip: Option<IpAddr>,
+    #[serde(rename = "podIPs", default)]
+    pod_ips: Vec<PodIp>,
+}
+
+#[derive(Deserialize)]
+struct PodIp {
+    ip: IpAddr,
+}
+
+impl PodDoc {
+    /// `Ok(None)` for a host-network pod: it has the node's address, not one of its own, so
+    /// the mesh cannot tell its traffic apart and leaves it alone.
+    pub fn into_pod(self) -> Result<Option<Pod>, Invalid> {
+        let PodDoc {
+            metadata,
+            spec,
+            status,
+        } = self;
+        metadata.check(true)?;
+        if spec.host_network {
+            return Ok(None);
+        }
+        let uid = metadata.uid.clone().filter(|u| !u.is_empty());
+        let uid = uid.ok_or_else(|| invalid("metadata.uid", "missing"))?;
+        let node = spec.node_name.filter(|n| !n.is_empty());
+        let node = node.ok_or_else(|| invalid("spec.nodeName", "missing: the pod is not scheduled"))?;
+        if let Some(sa) = &spec.service_account_name {
+            check_segment("spec.serviceAccountName", sa)?;
+        }
+        let mut ips: Vec<IpAddr> = status.pod_ips.iter().map(|p| p.ip).collect();
+        if ips.is_empty() {
+            ips.extend(status.pod_ip);
+        }
+        if ips.is_empty() {
+            return Err(invalid("status.podIP", "missing: the pod has no address yet"));
+        }
+        Ok(Some(Pod {
+            uid,
+            namespace: metadata.namespace().to_owned(),
+            name: metadata.name,
+            node,
+            service_account: spec.service_account_name,
+            ips,
+            labels: metadata.labels,
+        }))
+    }
+}
+
+#[derive(Deserialize)]
+pub struct ServiceDoc {
+    metadata: Metadata,
+    #[serde(default)]
+    spec: ServiceSpec,
+}
+
+#[derive(Default, Deserialize)]
+struct ServiceSpec {
+    #[serde(rename = "clusterIP")]
+    cluster_ip: Option<String>,
+    #[serde(rename = "clusterIPs", default)]
+    cluster_ips: Vec<String>,
+    #[serde(default)]
+    ports: Vec<ServicePortDoc>,
+    selector: Option<Labels>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct ServicePortDoc {
+    name: Option<String>,
+    port: u16,
+    target_port: Option<IntOrString>,
+    protocol: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IntOrString {
+    Int(u16),
+    String(String),
+}
+
+impl ServiceDoc {
+    pub fn into_service(self) -> Result<Service, Invalid> {
+        let ServiceDoc { metadata, spec } = self;
+        metadata.check(true)?;
+        let (field, listed) = if spec.cluster_ips.is_empty() {
+            ("spec.clusterIP", spec.cluster_ip.into_iter().collect())
+        } else {
+            ("spec.clusterIPs", spec.cluster_ips)
+        };
+        let mut cluster_ips = Vec::new();
+        // "None" marks a headless service; "" one whose address is not allocated yet.
+        for (i, ip) in listed
+            .iter()
+            .enumerate()
+            .filter(|(_, ip)| !ip.is_empty() && *ip != "None")
+        {
+            let ip = ip
+                .parse()
+                .map_err(|_| invalid(format!("{field}[{i}]"), format!("{ip:?} is not an IP")))?;
+            cluster_ips.push(ip);
+        }
+        let mut ports = Vec::new();
+        for (i, p) in spec.ports.into_iter().enumerate() {
+            let at = |f: &str| format!("spec.ports[{i}].{f}");
+            let target_port = match p.target_port {
+                None => TargetPort::Number(p.port),
+                Some(IntOrString::Int(n)) => TargetPort::Number(port(&at("targetPort"), n)?),
+                Some(IntOrString::String(name)) => TargetPort::Name(name),
+            };
+            ports.push(ServicePort {
+                name: p.name,
+                port: port(&at("port"), p.port)?,
+                target_port,
+                protocol: protocol(&at("protocol"), p.protocol.as_deref())?,
+            });
+        }
+        Ok(Service {
+            namespace: metadata.namespace().to_owned(),
+            name: metadata.name,
+            cluster_ips,
+            ports,
+            selector: spec.selector,
+        })
+    }
+}
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct EndpointSliceDoc {
+    metadata: Metadata,
+    address_type: String,
+    #[serde(default)]
+    ports: Vec<EndpointPortDoc>,
+    #[serde(default)]
+    endpoints: Vec<EndpointDoc>,
+}
+
+#[derive(Deserialize)]
+struct EndpointPortDoc {
+    name: Option<String>,
+    port: Option<u16>,
+    protocol: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct EndpointDoc {
+    addresses: Vec<IpAddr>,
+    #[serde(default)]
+    conditions: Conditions,
+    target_ref: Option<TargetRef>,
+}
+
+#[derive(Default, Deserialize)]
+struct Conditions {
+    ready: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct TargetRef {
+    kind: Option<String>,
+    uid: Option<String>,
+}
+
+impl EndpointSliceDoc {
+    pub fn into_slice(self) -> Result<EndpointSlice, Invalid> {
+        let EndpointSliceDoc {
+            metadata,
+            address_type,
+            ports,
+            endpoints,
+        } = self;
+        metadata.check(true)?;
+        if address_type != "IPv4" && address_type != "IPv6" {
+            return Err(invalid(
+                "addressType",
+                format!("{address_type:?} is not IPv4 or IPv6"),
+            ));
+        }
+        let service = metadata.labels.get(SERVICE_NAME_LABEL).cloned();
+        let service =
+            service.ok_or_else(|| invalid(format!("metadata.labels.{SERVICE_NAME_LABEL}"), "missing"))?;
+        let mut slice_ports = Vec::new();
+        for (i, p) in ports.into_iter().enumerate() {
+            // A port without a number means "all ports", which a proxy cannot route by.
+            let Some(number) = p.port else { continue };
+            slice_ports.push(EndpointPort {
+                name: p.name,
+                port: port(&format!("ports[{i}].port"), number)?,
+                protocol: protocol(&format!("ports[{i}].protocol"), p.protocol.as_deref())?,
+            });
+        }
+        let endpoints = endpoints
+            .into_iter()
+            .map(|e| SliceEndpoint {
+                addresses: e.addresses,
+                // Kubernetes: an unknown readiness is to be taken as ready.
+                ready: e.conditions.ready.unwrap_or(true),
+                pod_uid: e
+                    .target_ref
+                    .filter(|t| t.kind.as_deref() == Some("Pod"))
+                    .and_then(|t| t.uid),
+            })
+            .collect();
+        Ok(EndpointSlice {
+            namespace: metadata.namespace().to_owned(),
+            name: metadata.name,
+            service,
+            ports: slice_ports,
+            endpoints,
+        })
+    }
+}
+
+/// `mesh.dev/v1alpha1` AuthorizationPolicy, shaped like Istio's. Fields the mesh does not
+/// enforce yet are refused rather than ignored: ignoring one would widen what the policy
+/// allows.
+#[derive(Deserialize)]
+pub struct AuthorizationPolicyDoc {
+    metadata: Metadata,
+    #[serde(default)]
+    spec: PolicySpec,
+}
+
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PolicySpec {
+    selector: Option<Selector>,
+    action: Option<String>,
+    #[serde(default)]
+    rules: Vec<RuleDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct Selector {
+    #[serde(default)]
+    match_labels: Labels,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleDoc {
+    #[serde(default)]
+    from: Vec<FromDoc>,
+    #[serde(default)]
+    to: Vec<ToDoc>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FromDoc {
+    source: SourceDoc,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SourceDoc {
+    #[serde(default)]
+    principals: Vec<String>,
+    #[serde(default)]
+    namespaces: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ToDoc {
+    operation: OperationDoc,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OperationDoc {
+    /// Istio writes ports as strings; numbers are accepted too.
+    #[serde(default)]
+    ports: Vec<IntOrString>,
+}
+
+impl AuthorizationPolicyDoc {
+    pub fn into_policy(self) -> Result<Policy, Invalid> {
+        let AuthorizationPolicyDoc { metadata, spec } = self;
+        metadata.check(true)?;
+        let action = match spec.action.as_deref() {
+            None | Some("ALLOW") => Action::Allow,
+            Some("DENY") => Action::Deny,
+            Some(other) => return Err(invalid("spec.action", format!("{other:?} is not ALLOW or DENY"))),
+        };
+        let mut rules = Vec::new();
+        for (r, rule) in spec.rules.into_iter().enumerate() {
+            let mut from = Vec::new();
+            for (f, source) in rule.from.into_iter().enumerate() {
+                let at = format!("spec.rules[{r}].from[{f}].source");
+                from.push(Source {
+                    principals: source
+                        .source
+                        .principals
+                        .iter()
+                        .enumerate()
+                        .map(|(i, p)| principal(&format!("{at}.principals[{i}]"), p))
+                        .collect::<Result<_, _>>()?,
+                    namespaces: source.source.namespaces,
+                });
+            }
+            let mut to = Vec::new();
+            for (t, op) in rule.to.into_iter().enumerate() {
+                let mut ports = Vec::new();
+                for (i, p) in op.operation.ports.into_iter().enumerate() {
+                    let field = format!("spec.rules[{r}].to[{t}].operation.ports[{i}]");
+                    ports.push(match p {
+                        IntOrString::Int(n) => port(&field, n)?,
+                        IntOrString::String(s) => port(
+                            &field,
+                            s.parse()
+                                .map_err(|_| invalid(&field, format!("{s:?} is not a port")))?,
+                        )?,
+                    });
+                }
+                to.push(Operation { ports });
+            }
+            rules.push(Rule { from, to });
+        }
+        Ok(Policy {
+            namespace: metadata.namespace().to_owned(),
+            name: metadata.name,
+            selector: spec.selector.map(|s| s.match_labels).unwrap_or_default(),
+            action,
+            rules,
+        })
+    }
+}
+
+/// Istio writes principals without the scheme (`cluster.local/ns/x/sa/y`); both forms are
+/// accepted. Wildcards are not supported yet.
+fn principal(field: &str, value: &str) -> Result<Identity, Invalid> {
+    if value.contains('*') {
+        return Err(invalid(field, "wildcards are not supported"));
+    }
+    let full = if value.starts_with("spiffe://") {
+        value.to_owned()
+    } else {
+        format!("spiffe://{value}")
+    };
+    full.parse()
+        .map_err(|e: mesh_api::IdentityError| invalid(field, e.to_string()))
+}

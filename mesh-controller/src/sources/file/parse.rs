@@ -1,0 +1,198 @@
+//! YAML text → cluster state. Every object left out leaves a [`Problem`] naming the file,
+//! the line its document starts on, the object and the field; the rest is kept.
+
+use std::collections::btree_map::{BTreeMap, Entry};
+use std::fmt;
+
+use mesh_api::NamespacedName;
+use serde::de::DeserializeOwned;
+use serde_yaml::Value;
+
+use super::objects::*;
+use crate::cluster::ClusterState;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    /// 1-based line where the object's document starts.
+    pub line: usize,
+    /// Such as `Pod shop/web-1`, when the document got that far.
+    pub object: Option<String>,
+    pub field: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}: ", self.file, self.line)?;
+        if let Some(object) = &self.object {
+            write!(f, "{object}: ")?;
+        }
+        if let Some(field) = &self.field {
+            write!(f, "{field}: ")?;
+        }
+        write!(f, "{}; skipped", self.message)
+    }
+}
+
+/// Collects the objects of many files into one state.
+#[derive(Default)]
+pub struct Loader {
+    state: ClusterState,
+    problems: Vec<Problem>,
+}
+
+/// Where a document sits, for problems.
+struct At<'a> {
+    file: &'a str,
+    line: usize,
+}
+
+impl Loader {
+    pub fn add_file(&mut self, file: &str, text: &str) {
+        for (first_line, document) in documents(text) {
+            let at = At {
+                file,
+                line: first_line + 1,
+            };
+            // Leading newlines keep the parser's line numbers those of the whole file.
+            let padded = "\n".repeat(first_line) + document;
+            match serde_yaml::from_str::<Value>(&padded) {
+                Ok(Value::Null) => {}
+                Ok(value) => self.add_object(&at, "", value),
+                Err(e) => self.problem(&at, None, None, e.to_string()),
+            }
+        }
+    }
+
+    pub fn finish(self) -> (ClusterState, Vec<Problem>) {
+        (self.state, self.problems)
+    }
+
+    /// `prefix` locates objects inside a `List`, such as `items[3].`.
+    fn add_object(&mut self, at: &At, prefix: &str, value: Value) {
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).unwrap_or_default().to_owned();
+        let (api_version, kind) = (text(value.get("apiVersion")), text(value.get("kind")));
+        let meta = value.get("metadata");
+        let (name, namespace) = (
+            text(meta.and_then(|m| m.get("name"))),
+            text(meta.and_then(|m| m.get("namespace"))),
+        );
+        let namespace = if namespace.is_empty() {
+            "default".to_owned()
+        } else {
+            namespace
+        };
+        let object = match kind.as_str() {
+            "" => None,
+            "Namespace" | "List" => Some(format!("{kind} {name}")),
+            _ => Some(format!("{kind} {namespace}/{name}")),
+        };
+        let key = NamespacedName::new(namespace, name);
+        let added = match (api_version.as_str(), kind.as_str()) {
+            ("v1", "List") => {
+                let items = value
+                    .get("items")
+                    .and_then(Value::as_sequence)
+                    .cloned()
+                    .unwrap_or_default();
+                for (i, item) in items.into_iter().enumerate() {
+                    self.add_object(at, &format!("{prefix}items[{i}]."), item);
+                }
+                Ok(())
+            }
+            ("v1", "Namespace") => decode::<NamespaceDoc>(value)
+                .and_then(NamespaceDoc::into_namespace)
+                .and_then(|ns| insert(&mut self.state.namespaces, ns.name.clone(), ns)),
+            ("v1", "Pod") => decode::<PodDoc>(value)
+                .and_then(PodDoc::into_pod)
+                .and_then(|pod| match pod {
+                    Some(pod) => insert(&mut self.state.pods, pod.uid.clone(), pod),
+                    None => Ok(()),
+                }),
+            ("v1", "Service") => decode::<ServiceDoc>(value)
+                .and_then(ServiceDoc::into_service)
+                .and_then(|svc| insert(&mut self.state.services, key, svc)),
+            ("discovery.k8s.io/v1", "EndpointSlice") => decode::<EndpointSliceDoc>(value)
+                .and_then(EndpointSliceDoc::into_slice)
+                .and_then(|slice| insert(&mut self.state.endpoint_slices, key, slice)),
+            ("mesh.dev/v1alpha1", "AuthorizationPolicy") => decode::<AuthorizationPolicyDoc>(value)
+                .and_then(AuthorizationPolicyDoc::into_policy)
+                .and_then(|policy| insert(&mut self.state.policies, key, policy)),
+            _ => Err(Invalid {
+                field: "kind".into(),
+                message: format!("unsupported kind {kind:?} of apiVersion {api_version:?}"),
+            }),
+        };
+        if let Err(Invalid { field, message }) = added {
+            let field = if field.is_empty() {
+                None
+            } else {
+                Some(format!("{prefix}{field}"))
+            };
+            self.problem(at, object, field, message);
+        }
+    }
+
+    fn problem(&mut self, at: &At, object: Option<String>, field: Option<String>, message: String) {
+        self.problems.push(Problem {
+            file: at.file.to_owned(),
+            line: at.line,
+            object,
+            field,
+            message,
+        });
+    }
+}
+
+fn decode<T: DeserializeOwned>(value: Value) -> Result<T, Invalid> {
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let field = e.path().to_string();
+        // The path of an error at the top is ".", which says nothing.
+        let field = if field == "." { String::new() } else { field };
+        Invalid {
+            field,
+            message: e.into_inner().to_string(),
+        }
+    })
+}
+
+/// Keeps the first of two objects with one key, as the API server would never hold both.
+fn insert<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: V) -> Result<(), Invalid> {
+    match map.entry(key) {
+        Entry::Occupied(_) => Err(Invalid {
+            field: String::new(),
+            message: "another object of this kind has the same key".into(),
+        }),
+        Entry::Vacant(slot) => {
+            slot.insert(value);
+            Ok(())
+        }
+    }
+}
+
+/// Splits a YAML stream at its `---` markers, yielding each document with the index of its
+/// first line. Done here rather than by the YAML parser because that one gives up on the
+/// rest of a stream after one malformed document.
+fn documents(text: &str) -> Vec<(usize, &str)> {
+    let mut starts = vec![(0, 0)];
+    let mut offset = 0;
+    for (index, line) in text.split_inclusive('\n').enumerate() {
+        let marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.trim().is_empty() || rest.starts_with([' ', '\t']));
+        if marker && index > 0 {
+            starts.push((index, offset));
+        }
+        offset += line.len();
+    }
+    let ends = starts.iter().skip(1).map(|&(_, o)| o).chain([text.len()]);
+    starts
+        .iter()
+        .zip(ends)
+        .map(|(&(line, start), end)| (line, &text[start..end]))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;
