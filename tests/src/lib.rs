@@ -21,6 +21,8 @@
 //! Everything is torn down on drop (also while unwinding from a panic) and on SIGINT, SIGTERM or
 //! SIGHUP (exit status 130); leftovers of runs that died are removed by the next [`Cluster::new`].
 
+pub mod agent;
+pub mod app;
 mod cluster;
 mod proc;
 mod sys;

@@ -1,0 +1,234 @@
+//! The real `mesh-node` agent on a harness node: its workloads file, its process, its logs and
+//! its pinned maps as the kernel holds them.
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde_json::Value;
+
+use crate::{bin_path, wait_until, Cluster, Node, Pod, Proc};
+
+/// How long an agent may take to attach its programs and bind its listeners.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the agent may take to act on a change.
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A node's agent. The workloads file outlives agent processes, so a restarted agent finds
+/// the same desired state; it is removed with this value.
+pub struct Agent {
+    node: Node,
+    dir: PathBuf,
+    extra_args: Vec<String>,
+    proc: Option<Proc>,
+}
+
+impl Agent {
+    /// Prepares (does not start) the agent of `node`; `extra_args` go to every start.
+    pub fn new(cluster: &Cluster, node: &Node, extra_args: &[&str]) -> Result<Agent> {
+        let dir = std::env::temp_dir().join(format!("{}-{}", cluster.id(), node.name));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let agent = Agent {
+            node: node.clone(),
+            dir,
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            proc: None,
+        };
+        agent.set_workloads(&[])?;
+        Ok(agent)
+    }
+
+    pub fn workloads_file(&self) -> PathBuf {
+        self.dir.join("workloads.json")
+    }
+
+    /// Replaces the enrolled workloads, atomically (the agent never reads half a file).
+    pub fn set_workloads(&self, pods: &[&Pod]) -> Result<()> {
+        let workloads: Vec<Value> = pods
+            .iter()
+            .map(|p| serde_json::json!({"namespace": "default", "name": p.name, "cgroup": p.cgroup}))
+            .collect();
+        let tmp = self.dir.join("workloads.json.tmp");
+        std::fs::write(&tmp, serde_json::json!({ "workloads": workloads }).to_string())?;
+        std::fs::rename(&tmp, self.workloads_file())?;
+        Ok(())
+    }
+
+    /// The command line of this node's agent.
+    pub fn command(&self) -> Result<Command> {
+        self.command_with(&self.node.pin_dir, &self.node.pods_cgroup)
+    }
+
+    /// The command line with another pin dir and pods cgroup (to test what the agent refuses).
+    pub fn command_with(&self, pin_dir: &Path, pods_cgroup: &Path) -> Result<Command> {
+        let n = &self.node;
+        let mut cmd = Command::new(bin_path("mesh-node")?);
+        cmd.arg("--node-name")
+            .arg(&n.name)
+            .arg("--node-ip")
+            .arg(format!("{},{}", n.ipv4, n.ipv6))
+            .arg("--bpffs-dir")
+            .arg(pin_dir)
+            .arg("--pods-cgroup")
+            .arg(pods_cgroup)
+            .arg("--workloads-file")
+            .arg(self.workloads_file())
+            .args(["--reconcile-interval", "100ms", "--log-format", "json"])
+            .args(["--log", "info,mesh_node=debug"])
+            .args(&self.extra_args);
+        Ok(cmd)
+    }
+
+    /// Starts the agent in the node's netns and agent cgroup and waits until it is ready.
+    pub fn start(&mut self, cluster: &Cluster) -> Result<&Proc> {
+        if self.proc.is_some() {
+            bail!("agent on {} already started", self.node.name);
+        }
+        let proc = cluster.spawn_on_node(&self.node, self.command()?)?;
+        proc.wait_for_line(READY_TIMEOUT, |l| log_message(l).as_deref() == Some("ready"))
+            .with_context(|| format!("agent on {} did not become ready", self.node.name))?;
+        Ok(self.proc.insert(proc))
+    }
+
+    /// The running agent process.
+    pub fn proc(&self) -> Result<&Proc> {
+        self.proc.as_ref().context("agent not started")
+    }
+
+    /// Takes the process out (to kill it, or wait for its exit); the agent can be started again.
+    pub fn take(&mut self) -> Option<Proc> {
+        self.proc.take()
+    }
+
+    /// The agent's JSON log records so far.
+    pub fn logs(&self) -> Vec<Value> {
+        self.proc
+            .as_ref()
+            .map(|p| {
+                p.lines()
+                    .iter()
+                    .filter_map(|(_, l)| serde_json::from_str(l).ok())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until the kernel's enrolled map holds exactly the cgroups of `pods`.
+    pub fn wait_enrolled(&self, pods: &[&Pod]) -> Result<()> {
+        let mut want: Vec<u64> = pods.iter().map(|p| p.cgroup_id).collect();
+        want.sort_unstable();
+        wait_until(WAIT, "the enrolled map to match the workloads", || {
+            let have = self.enrolled().map_err(|e| format!("{e:#}"))?;
+            if have == want {
+                Ok(())
+            } else {
+                Err(format!("enrolled {have:?}, want {want:?}"))
+            }
+        })
+    }
+
+    /// The connections the proxy captured so far, as (source, original destination), in order.
+    pub fn captured(&self) -> Vec<(SocketAddr, SocketAddr)> {
+        self.logs()
+            .iter()
+            .filter(|v| v["message"] == "captured")
+            .filter_map(|v| {
+                Some((
+                    v["span"]["src"].as_str()?.parse().ok()?,
+                    v["dst"].as_str()?.parse().ok()?,
+                ))
+            })
+            .collect()
+    }
+
+    /// Waits for the proxy to capture a connection to `dst`; returns its source.
+    pub fn wait_captured(&self, dst: SocketAddr) -> Result<SocketAddr> {
+        wait_until(
+            WAIT,
+            &format!("the agent to capture a connection to {dst}"),
+            || {
+                let captured = self.captured();
+                captured
+                    .iter()
+                    .find(|(_, d)| *d == dst)
+                    .map(|(src, _)| *src)
+                    .ok_or_else(|| format!("captured so far: {captured:?}"))
+            },
+        )
+    }
+
+    /// Waits for the proxy's `n`-th captured connection (1-based).
+    pub fn wait_nth_captured(&self, n: usize) -> Result<(SocketAddr, SocketAddr)> {
+        wait_until(WAIT, &format!("the agent's captured connection #{n}"), || {
+            let captured = self.captured();
+            captured
+                .get(n - 1)
+                .copied()
+                .ok_or_else(|| format!("captured so far: {captured:?}"))
+        })
+    }
+
+    /// The cgroup ids in the kernel's enrolled map, read from the pins with bpftool.
+    pub fn enrolled(&self) -> Result<Vec<u64>> {
+        let map = find_pin(&self.node.pin_dir, "mesh_enrolled")?;
+        let mut ids: Vec<u64> = bpftool_dump(&map)?
+            .iter()
+            .map(|entry| value_u64(&entry["key"]))
+            .collect::<Result<_>>()?;
+        ids.sort_unstable();
+        Ok(ids)
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        drop(self.proc.take());
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The `message` of a JSON log line.
+pub fn log_message(line: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(line).ok()?;
+    v.get("message")?.as_str().map(str::to_owned)
+}
+
+/// A pinned object of the agent's current set (`<pin dir>/current` names it).
+pub fn find_pin(pin_dir: &Path, name: &str) -> Result<PathBuf> {
+    let path = pin_dir.join("current").join(name);
+    if !path.exists() {
+        bail!("no pin {}", path.display());
+    }
+    Ok(path)
+}
+
+fn bpftool_dump(pin: &Path) -> Result<Vec<Value>> {
+    let out = Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(pin)
+        .output()
+        .context("running bpftool (installed by the set-up script)")?;
+    if !out.status.success() {
+        bail!(
+            "bpftool map dump {}: {}",
+            pin.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(serde_json::from_slice(&out.stdout)?)
+}
+
+/// A little-endian integer as bpftool prints it: a number, or hex byte strings.
+pub fn value_u64(v: &Value) -> Result<u64> {
+    if let Some(n) = v.as_u64() {
+        return Ok(n);
+    }
+    let bytes = v.as_array().context("expected a number or a byte array")?;
+    let mut n = 0u64;
+    for (i, b) in bytes.iter().enumerate().take(8) {
+        let s = b.as_str().context("expected a hex byte")?;
+        n |= u64::from_str_radix(s.trim_start_matches("0x"), 16)? << (8 * i);
+    }
+    Ok(n)
+}

@@ -1,0 +1,67 @@
+//! The test app (`mesh-testapp`) in pods: echo servers and clients whose JSON reports say what
+//! each end saw.
+use std::net::SocketAddr;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::{bin_path, Cluster, Pod, Proc};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+pub fn testapp() -> Result<Command> {
+    Ok(Command::new(bin_path("mesh-testapp")?))
+}
+
+/// An echo server in `pod` on each of `ports`, IPv4 and IPv6; returns once it listens.
+pub fn echo_server(cluster: &Cluster, pod: &Pod, ports: &[u16]) -> Result<Proc> {
+    let mut cmd = testapp()?;
+    cmd.arg("echo-server");
+    for port in ports {
+        cmd.arg("--listen").arg(format!("0.0.0.0:{port}"));
+        cmd.arg("--listen").arg(format!("[::]:{port}"));
+    }
+    let server = cluster.spawn_in_pod(pod, cmd)?;
+    server.wait_for_line(WAIT, |l| l.contains(r#""event":"listening""#))?;
+    Ok(server)
+}
+
+/// What the client saw of one echo exchange.
+#[derive(Debug, Deserialize)]
+pub struct ClientReport {
+    pub ok: bool,
+    pub local: Option<SocketAddr>,
+    pub peer: Option<SocketAddr>,
+    pub sent: u64,
+    pub received: u64,
+    pub error: Option<String>,
+}
+
+/// Sends `bytes` from `pod` to `dst` and checks they come back intact.
+pub fn client(cluster: &Cluster, pod: &Pod, dst: SocketAddr, bytes: usize) -> Result<ClientReport> {
+    let mut cmd = testapp()?;
+    cmd.args([
+        "client",
+        "--connect",
+        &dst.to_string(),
+        "--bytes",
+        &bytes.to_string(),
+    ]);
+    let out = cluster.exec_in_pod(pod, cmd)?;
+    let report: ClientReport = serde_json::from_str(out.stdout.trim())
+        .with_context(|| format!("client output: {} / {}", out.stdout, out.stderr))?;
+    if !report.ok {
+        bail!("client in {} → {dst} failed: {report:?}", pod.name);
+    }
+    Ok(report)
+}
+
+/// The peer address the server saw on its `n`-th accepted connection (1-based).
+pub fn accept_peer(server: &Proc, n: usize) -> Result<SocketAddr> {
+    let lines = server.wait_for_lines(WAIT, n, |l| l.contains(r#""event":"accept""#))?;
+    let v: Value = serde_json::from_str(&lines[n - 1])?;
+    Ok(v["peer"].as_str().context("accept without peer")?.parse()?)
+}
