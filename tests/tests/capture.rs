@@ -159,6 +159,9 @@ fn attached(dir: &std::path::Path) -> Result<Vec<String>> {
     if !out.status.success() {
         bail!("bpftool cgroup show: {}", String::from_utf8_lossy(&out.stderr));
     }
+    if out.stdout.iter().all(u8::is_ascii_whitespace) {
+        return Ok(Vec::new()); // bpftool prints nothing for a cgroup without programs
+    }
     let v: Value = serde_json::from_slice(&out.stdout)?;
     let mut types: Vec<String> = v
         .as_array()
@@ -296,5 +299,41 @@ fn missing_kernel_requirements_fail_with_one_clear_line() -> Result<()> {
         );
         assert!(!out.stderr.contains("panicked"), "{}", out.stderr);
     }
+    Ok(())
+}
+
+#[test]
+fn sigterm_exits_cleanly_keeping_capture_and_uninstall_detaches() -> Result<()> {
+    let cluster = Cluster::new("capture-sigterm")?;
+    let a = cluster.add_node("a")?;
+    let client_pod = cluster.add_pod("a", "client")?;
+    let mut agent = Agent::new(&cluster, &a, &[])?;
+    agent.set_workloads(&[&client_pod])?;
+    agent.start(&cluster)?;
+    agent.wait_enrolled(&[&client_pod])?;
+
+    let proc = agent.take().context("agent not running")?;
+    proc.kill(libc::SIGTERM)?;
+    let status = proc.wait_exit(WAIT)?;
+    assert!(status.success(), "SIGTERM is a clean exit, got {status}");
+    assert_eq!(
+        attached(&a.pods_cgroup)?.len(),
+        3,
+        "capture stays attached for the next agent"
+    );
+
+    let mut uninstall = Command::new(mesh_harness::bin_path("mesh-node")?);
+    uninstall.arg("uninstall").arg("--bpffs-dir").arg(&a.pin_dir);
+    cluster.exec_on_node(&a, uninstall)?.success()?;
+    assert_eq!(
+        attached(&a.pods_cgroup)?,
+        Vec::<String>::new(),
+        "uninstall detaches the pods' programs"
+    );
+    assert_eq!(
+        attached(&a.agent_cgroup)?,
+        Vec::<String>::new(),
+        "and the proxy's"
+    );
     Ok(())
 }
