@@ -54,13 +54,9 @@ impl Session {
 
     /// The update for a new cluster state, if the node's view changed.
     pub fn on_change(&mut self, version: Version, state: &ClusterState) -> Option<Update> {
-        let sent = self.sent.as_ref()?;
         let view = node_view(state, &self.node, &self.trust_domain);
-        if view == sent.view {
-            return None;
-        }
-        let (base, old_view) = (sent.version.clone(), sent.view.clone());
-        Some(self.delta(version, base, &old_view, view))
+        let sent = self.sent.take_if(|sent| sent.view != view)?;
+        Some(self.delta(version, sent.version, &sent.view, view))
     }
 
     /// The resync after a NACK, when one is due.

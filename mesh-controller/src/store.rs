@@ -44,10 +44,6 @@ impl Store {
         }
     }
 
-    pub fn epoch(&self) -> &str {
-        &self.epoch
-    }
-
     pub fn version(&self, number: u64) -> Version {
         Version {
             epoch: self.epoch.clone(),

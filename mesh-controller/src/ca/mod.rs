@@ -32,7 +32,7 @@ const BACKDATE: Duration = Duration::from_secs(5 * 60);
 pub enum CaError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path} has mode {mode:o}: a root key must be readable by its owner only (0600)")]
+    #[error("{path} has mode {mode:04o}: a root key must be readable by its owner only (0600)")]
     KeyPermissions { path: PathBuf, mode: u32 },
     #[error("{missing} is missing while the other root file exists; restore it or remove both")]
     Incomplete { missing: PathBuf },
@@ -49,7 +49,6 @@ pub enum CaError {
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
     root_pem: String,
-    root_der: CertificateDer<'static>,
     leaf_lifetime: Duration,
 }
 
@@ -81,12 +80,10 @@ impl Ca {
                 cert.validity().not_after
             )));
         }
-        let root_der = CertificateDer::from(pem.contents.clone());
-        let issuer = Issuer::from_ca_cert_der(&root_der, key)?;
+        let issuer = Issuer::from_ca_cert_der(&CertificateDer::from(pem.contents.clone()), key)?;
         Ok(Ca {
             issuer,
             root_pem: root.cert_pem,
-            root_der,
             leaf_lifetime,
         })
     }
@@ -94,10 +91,6 @@ impl Ca {
     /// The root certificate nodes pin, PEM.
     pub fn root_pem(&self) -> &str {
         &self.root_pem
-    }
-
-    pub fn root_der(&self) -> &CertificateDer<'static> {
-        &self.root_der
     }
 
     /// Signs an X.509-SVID for `identity` over the key of a CSR that [`csr::decide`] has

@@ -90,23 +90,17 @@ pub async fn serve<A: NodeAuthenticator>(
     let unix = listeners.unix.map(|l| {
         router(&ctl).serve_with_incoming_shutdown(tls::incoming(l, acceptor.clone()), stopped(&ctl))
     });
-    let (tcp, unix) = tokio::join!(
-        async move {
-            match tcp {
-                Some(serving) => serving.await,
-                None => Ok(()),
-            }
-        },
-        async move {
-            match unix {
-                Some(serving) => serving.await,
-                None => Ok(()),
-            }
-        }
-    );
+    let (tcp, unix) = tokio::join!(optional(tcp), optional(unix));
     tcp?;
     unix?;
     Ok(())
+}
+
+async fn optional<E>(serving: Option<impl Future<Output = Result<(), E>>>) -> Result<(), E> {
+    match serving {
+        Some(serving) => serving.await,
+        None => Ok(()),
+    }
 }
 
 fn router<A: NodeAuthenticator>(ctl: &Arc<Controller<A>>) -> tonic::transport::server::Router {

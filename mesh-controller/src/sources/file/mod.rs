@@ -8,6 +8,7 @@
 
 mod objects;
 mod parse;
+mod policy;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

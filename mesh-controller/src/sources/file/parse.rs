@@ -9,6 +9,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
 use super::objects::*;
+use super::policy::AuthorizationPolicyDoc;
 use crate::cluster::ClusterState;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
