@@ -66,6 +66,8 @@ pub struct Node {
 #[derive(Clone, Debug)]
 pub struct Pod {
     pub name: String,
+    /// A UUID, as the API server gives every pod; the cgroup is named after it.
+    pub uid: String,
     /// The node's name.
     pub node: String,
     pub netns: String,
@@ -73,7 +75,7 @@ pub struct Pod {
     pub ipv4: Ipv4Addr,
     /// `fd00:1:N::(10+i)` (the same digits as the IPv4 address, read as hex).
     pub ipv6: Ipv6Addr,
-    /// `<node pods cgroup>/<pod>`.
+    /// `<node pods cgroup>/pod<uid>`, as the kubelet's cgroupfs driver names it.
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
     /// The pod-side interface: `eth0`.
@@ -81,6 +83,24 @@ pub struct Pod {
     /// The host-side veth in the node netns (a port of the node's `br0`): `v<pod>` when that
     /// fits in 15 characters, else `v_<k>`.
     pub host_veth: String,
+}
+
+/// A fresh version-4-shaped UUID, unique on this machine (pid, time and a counter).
+fn pod_uid() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default();
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        std::process::id(),
+        (n >> 12) & 0xffff,
+        n & 0xfff,
+        (nanos >> 48) & 0xfff,
+        nanos & 0xffff_ffff_ffff
+    )
 }
 
 /// The output of a short command run by an `exec_*` method.
@@ -384,7 +404,8 @@ impl Cluster {
         }
         ns.next_pod += 1;
         let n = &ns.node;
-        let cgroup = n.pods_cgroup.join(name);
+        let uid = pod_uid();
+        let cgroup = n.pods_cgroup.join(format!("pod{uid}"));
         fs::create_dir(&cgroup).with_context(|| format!("creating cgroup {}", cgroup.display()))?;
         let host_veth = if name.len() <= 14 {
             format!("v{name}")
@@ -393,6 +414,7 @@ impl Cluster {
         };
         let pod = Pod {
             name: name.to_string(),
+            uid,
             node: node.to_string(),
             netns: format!("{}{name}", self.shared.prefix),
             ipv4: Ipv4Addr::new(10, 1, n.index, host as u8),

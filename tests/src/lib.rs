@@ -24,6 +24,7 @@
 pub mod agent;
 pub mod app;
 mod cluster;
+pub mod controller;
 mod proc;
 mod sys;
 
