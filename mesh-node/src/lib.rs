@@ -1,8 +1,12 @@
 //! mesh-node: the per-node agent. It loads the capture programs into the kernel and runs the
 //! node proxy that carries the traffic of every enrolled pod on this node.
+pub mod cgroups;
 pub mod config;
+pub mod control;
 pub mod ebpf;
 pub mod enrollment;
+pub mod health;
+pub mod identity;
 pub mod proxy;
 pub mod tls;
 pub mod workloads;
