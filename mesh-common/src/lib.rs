@@ -18,9 +18,13 @@ pub const MAP_TUPLE_DST: &str = "mesh_tuple_dst";
 pub const MAP_EXCL_PORTS: &str = "mesh_excl_ports";
 pub const MAP_EXCL_CIDRS: &str = "mesh_excl_cidrs";
 pub const MAP_COUNTERS: &str = "mesh_counters";
+/// Local pod addresses whose inbound HBONE (port 15008) the uplink's tc program captures.
+pub const MAP_LOCAL_IPS: &str = "mesh_local_ips";
+/// The single [`TcConfig`] of the tc programs: the capture and proxy marks.
+pub const MAP_TC_CONFIG: &str = "mesh_tc_config";
 
 /// Every map of the object, in pin order.
-pub const MAP_NAMES: [&str; 7] = [
+pub const MAP_NAMES: [&str; 9] = [
     MAP_CONFIG,
     MAP_ENROLLED,
     MAP_COOKIE_DST,
@@ -28,6 +32,8 @@ pub const MAP_NAMES: [&str; 7] = [
     MAP_EXCL_PORTS,
     MAP_EXCL_CIDRS,
     MAP_COUNTERS,
+    MAP_LOCAL_IPS,
+    MAP_TC_CONFIG,
 ];
 
 /// Program (ELF symbol) names. They differ from their section names on purpose: a function
@@ -36,6 +42,10 @@ pub const PROG_CONNECT4: &str = "mesh_connect4";
 pub const PROG_CONNECT6: &str = "mesh_connect6";
 pub const PROG_SOCK_OPS: &str = "mesh_sockops";
 pub const PROG_GETSOCKOPT: &str = "mesh_getsockopt";
+/// tc ingress (TCX) on the node's uplink: marks inbound HBONE to local pods for capture.
+pub const PROG_TC_INBOUND: &str = "mesh_tc_inbound";
+/// tc egress (TCX) on a STRICT pod's host-side veth: drops SYNs that did not come from the proxy.
+pub const PROG_TC_STRICT: &str = "mesh_tc_strict";
 
 /// Map sizes; user space checks pinned maps against them.
 pub const CONFIG_MAX_ENTRIES: u32 = 1;
@@ -44,6 +54,8 @@ pub const COOKIE_DST_MAX_ENTRIES: u32 = 64 * 1024;
 pub const TUPLE_DST_MAX_ENTRIES: u32 = 64 * 1024;
 pub const EXCL_PORTS_MAX_ENTRIES: u32 = 1024;
 pub const EXCL_CIDRS_MAX_ENTRIES: u32 = 1024;
+pub const LOCAL_IPS_MAX_ENTRIES: u32 = 16 * 1024;
+pub const TC_CONFIG_MAX_ENTRIES: u32 = 1;
 
 /// Default port of the proxy's outbound capture listener.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -75,6 +87,30 @@ pub struct ProxyConfig {
     /// `CONFIG_HAS_V4` | `CONFIG_HAS_V6`.
     pub flags: u16,
 }
+
+/// `TcConfig::flags`: the entry has been written (an all-zero entry means "not configured":
+/// the tc programs then change nothing and let every packet through).
+pub const TC_CONFIG_SET: u32 = 1 << 0;
+
+/// The single entry of `mesh_tc_config`. Marks are compared under masks, so the mesh shares
+/// `skb->mark` with other components that use other bits.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TcConfig {
+    /// OR-ed into `skb->mark` of every inbound HBONE packet to a local pod (uplink ingress).
+    /// The policy-routing rule matches `fwmark capture_mark/capture_mark`.
+    pub capture_mark: u32,
+    /// What the proxy's upstream sockets carry (`SO_MARK`): a SYN into a STRICT pod passes
+    /// only if `mark & proxy_mask == proxy_mark`.
+    pub proxy_mark: u32,
+    pub proxy_mask: u32,
+    /// `TC_CONFIG_SET`.
+    pub flags: u32,
+}
+
+/// Value of `mesh_local_ips` (key: the pod address in v6 form, `[u32; 4]`): capture inbound
+/// HBONE to this address.
+pub const LOCAL_IP_CAPTURE_INBOUND: u32 = 1 << 0;
 
 /// `Enrollment::flags`: capture this cgroup's (and its descendants') outbound TCP.
 pub const ENROLL_CAPTURE_OUTBOUND: u32 = 1 << 0;
@@ -171,10 +207,18 @@ pub enum Counter {
     GetsockoptMiss,
     GetsockoptFamilyMismatch,
     GetsockoptShortBuffer,
+    /// Packets to a local pod's HBONE port marked for capture on the uplink.
+    InboundMarked,
+    /// Packets the tc programs let through unchanged because `mesh_tc_config` is unset.
+    TcNoConfig,
+    /// SYNs (and TCP fragments) into a STRICT pod dropped: not from the proxy.
+    StrictDropped,
+    /// SYNs into a STRICT pod let through: they carry the proxy's mark.
+    StrictAllowedProxy,
 }
 
 /// Number of counters (entries of `mesh_counters`).
-pub const COUNTER_COUNT: u32 = 20;
+pub const COUNTER_COUNT: u32 = 24;
 
 /// Name of each counter, indexed by `Counter as usize`.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -198,10 +242,15 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "getsockopt_miss",
     "getsockopt_family_mismatch",
     "getsockopt_short_buffer",
+    "inbound_marked",
+    "tc_no_config",
+    "strict_dropped",
+    "strict_allowed_proxy",
 ];
 
 // The counter list and its names must stay in step.
-const _: () = assert!(Counter::GetsockoptShortBuffer as u32 + 1 == COUNTER_COUNT);
+const _: () = assert!(Counter::StrictAllowedProxy as u32 + 1 == COUNTER_COUNT);
+const _: () = assert!(core::mem::size_of::<TcConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 24);
 const _: () = assert!(core::mem::size_of::<Enrollment>() == 8);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
@@ -218,6 +267,7 @@ mod user {
     unsafe impl aya::Pod for Enrollment {}
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for TcConfig {}
 
     /// The v6 form (IPv4 as v4-mapped) of an address, as stored in the maps.
     pub fn addr_from_ip(ip: IpAddr) -> [u32; 4] {

@@ -8,6 +8,10 @@
 //! - `sockops` (pods' cgroup root): on the client's ACTIVE_ESTABLISHED, move that entry to a
 //!   4-tuple key the proxy can find (`sockops.rs`).
 //! - `cgroup/getsockopt` (proxy's cgroup): answer `SO_ORIGINAL_DST` (`getsockopt.rs`).
+//! - tc ingress on the node's uplink: mark inbound HBONE to local pods for capture by policy
+//!   routing (`tc_inbound.rs`).
+//! - tc egress on STRICT pods' host-side veths: drop SYNs that do not carry the proxy's mark
+//!   (`tc_strict.rs`). Both share maps and a header parser (`tc.rs`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -21,6 +25,12 @@ mod getsockopt;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sockops;
+#[cfg(target_arch = "bpf")]
+mod tc;
+#[cfg(target_arch = "bpf")]
+mod tc_inbound;
+#[cfg(target_arch = "bpf")]
+mod tc_strict;
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {}

@@ -8,7 +8,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use thiserror::Error;
 
-use crate::ebpf::DatapathConfig;
+use crate::ebpf::{DatapathConfig, Marks};
+use crate::netlink::{CaptureConfig, DEFAULT_CAPTURE_TABLE, DEFAULT_RULE_PRIORITY};
 
 /// The ports of DESIGN.md §5 that the agent owns.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -97,6 +98,38 @@ pub struct RunArgs {
     /// Log filter, in tracing's EnvFilter syntax (e.g. `info,mesh_node::proxy=debug`).
     #[arg(long, env = "MESH_LOG", default_value = "info")]
     pub log: String,
+
+    /// The node's uplink, where inbound HBONE to local pods is captured (tc ingress) and which
+    /// the capture routing rule is scoped to. Defaults to the interface holding the node IP.
+    #[arg(long, env = "MESH_UPLINK")]
+    pub uplink: Option<String>,
+
+    /// Mark bit(s) put on captured inbound packets and matched by the capture routing rule
+    /// (decimal or 0x-hex). Must not share bits with --proxy-mark.
+    #[arg(long, env = "MESH_CAPTURE_MARK", default_value = "0x1000", value_parser = parse_mark)]
+    pub capture_mark: u32,
+
+    /// Mark (SO_MARK) on the proxy's connections to pods: a STRICT pod accepts connections
+    /// only with it (decimal or 0x-hex).
+    #[arg(long, env = "MESH_PROXY_MARK", default_value = "0x2000", value_parser = parse_mark)]
+    pub proxy_mark: u32,
+
+    /// Routing table holding the capture route (`local 0.0.0.0/0 dev lo`, `local ::/0 dev lo`).
+    #[arg(long, env = "MESH_CAPTURE_TABLE", default_value_t = DEFAULT_CAPTURE_TABLE)]
+    pub capture_table: u32,
+
+    /// Priority of the capture routing rule (`iif <uplink> fwmark M/M lookup <table>`).
+    #[arg(long, env = "MESH_CAPTURE_RULE_PRIORITY", default_value_t = DEFAULT_RULE_PRIORITY)]
+    pub capture_rule_priority: u32,
+}
+
+/// A mark: decimal, or hexadecimal with a `0x` prefix.
+fn parse_mark(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")) {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s:?} is not a 32-bit mark: {e}"))
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -115,6 +148,8 @@ pub struct Config {
     pub reconcile_interval: Duration,
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
+    /// Inbound capture and STRICT: uplink, marks, routing table and rule priority.
+    pub capture: CaptureConfig,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -127,6 +162,12 @@ pub enum ConfigError {
     ZeroOutboundPort,
     #[error("--exclude-port: 0 is not a port")]
     ZeroExcludedPort,
+    #[error("--capture-mark/--proxy-mark: {0}")]
+    BadMarks(String),
+    #[error("--capture-table: {0} is reserved (0, 253 default, 254 main, 255 local)")]
+    ReservedCaptureTable(u32),
+    #[error("--capture-rule-priority: {0} must be between 1 and 32765")]
+    BadRulePriority(u32),
 }
 
 impl RunArgs {
@@ -143,6 +184,17 @@ impl RunArgs {
         }
         if self.exclude_ports.contains(&0) {
             return Err(ConfigError::ZeroExcludedPort);
+        }
+        let marks = Marks {
+            capture: self.capture_mark,
+            proxy: self.proxy_mark,
+        };
+        marks.validate().map_err(ConfigError::BadMarks)?;
+        if self.capture_table == 0 || (253..=255).contains(&self.capture_table) {
+            return Err(ConfigError::ReservedCaptureTable(self.capture_table));
+        }
+        if self.capture_rule_priority == 0 || self.capture_rule_priority >= 32766 {
+            return Err(ConfigError::BadRulePriority(self.capture_rule_priority));
         }
         let outbound_listeners = [
             ipv4.map(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.outbound_port))),
@@ -168,6 +220,12 @@ impl RunArgs {
             reconcile_interval: self.reconcile_interval,
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,
+            capture: CaptureConfig {
+                uplink: self.uplink,
+                marks,
+                table: self.capture_table,
+                rule_priority: self.capture_rule_priority,
+            },
         })
     }
 }
@@ -243,6 +301,55 @@ mod tests {
             (vec![], "--node-ip"),
         ] {
             let err = parse(&args).unwrap_err();
+            assert!(err.contains(want), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn capture_defaults_and_flags() {
+        let c = parse(&["--node-ip", "10.0.0.1"]).unwrap();
+        assert_eq!(c.capture, CaptureConfig::default());
+        assert_eq!(
+            c.capture.marks,
+            Marks {
+                capture: 0x1000,
+                proxy: 0x2000
+            }
+        );
+        let c = parse(&[
+            "--node-ip",
+            "10.0.0.1",
+            "--uplink",
+            "ens5",
+            "--capture-mark",
+            "0x40000000",
+            "--proxy-mark",
+            "256",
+            "--capture-table",
+            "300",
+            "--capture-rule-priority",
+            "90",
+        ])
+        .unwrap();
+        assert_eq!(c.capture.uplink.as_deref(), Some("ens5"));
+        assert_eq!(
+            c.capture.marks,
+            Marks {
+                capture: 0x4000_0000,
+                proxy: 0x100
+            }
+        );
+        assert_eq!((c.capture.table, c.capture.rule_priority), (300, 90));
+        for (args, want) in [
+            (vec!["--capture-mark", "0x3000"], "--capture-mark"),
+            (vec!["--capture-mark", "0"], "--capture-mark"),
+            (vec!["--proxy-mark", "zz"], "--proxy-mark"),
+            (vec!["--capture-table", "254"], "--capture-table"),
+            (vec!["--capture-rule-priority", "0"], "--capture-rule-priority"),
+        ] {
+            let mut all = vec!["--node-ip", "10.0.0.1"];
+            all.extend(args.iter());
+            let err = parse(&all).unwrap_err();
             assert!(err.contains(want), "{args:?}: {err}");
         }
     }

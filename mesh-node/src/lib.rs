@@ -7,6 +7,7 @@ pub mod ebpf;
 pub mod enrollment;
 pub mod health;
 pub mod identity;
+pub mod netlink;
 pub mod proxy;
 pub mod tls;
 pub mod workloads;

@@ -1,9 +1,10 @@
-//! Loading the object into pins, and attaching pinned programs to cgroups as pinned links.
+//! Loading the object into pins, and attaching pinned programs to cgroups and TCX hooks as
+//! pinned links.
 
 use std::{fs::File, os::fd::AsFd as _, path::Path};
 
 use aya::{
-    programs::{CgroupSockAddr, CgroupSockopt, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, SchedClassifier, SockOps},
     EbpfLoader,
 };
 use mesh_common::MAP_NAMES;
@@ -33,6 +34,9 @@ pub(crate) fn load_and_pin(object: &[u8], dir: &Path) -> Result<(), EbpfError> {
                 .map_err(|e| EbpfError::aya(format!("program {name}"), e))?
                 .load(),
             Prog::Getsockopt => <&mut CgroupSockopt>::try_from(&mut *program)
+                .map_err(|e| EbpfError::aya(format!("program {name}"), e))?
+                .load(),
+            Prog::TcInbound | Prog::TcStrict => <&mut SchedClassifier>::try_from(&mut *program)
                 .map_err(|e| EbpfError::aya(format!("program {name}"), e))?
                 .load(),
         };
@@ -85,4 +89,30 @@ fn attach_error(action: String, err: std::io::Error) -> EbpfError {
         };
     }
     EbpfError::io(action, err)
+}
+
+/// Attaches the tc program pinned in `dir` to the TCX hook of interface `ifindex` (in this
+/// thread's network namespace) with a bpf_link and pins the link at `link_pin`. TCX hooks hold
+/// many programs (appended here, run in order), so this coexists with other users of the
+/// interface and with a set being replaced.
+///
+/// Raw `BPF_LINK_CREATE` like the cgroup links rather than aya's `SchedClassifier::attach`: that
+/// needs an aya `Program` loaded in this process (ours are pinned and re-opened by fd), and one
+/// link path keeps the pin/check/replace logic the same for every link of the set.
+pub(crate) fn attach_tcx(prog: Prog, dir: &Path, ifindex: u32, link_pin: &Path) -> Result<(), EbpfError> {
+    let hook = if prog.attach_type() == super::pins::BPF_TCX_INGRESS {
+        "ingress"
+    } else {
+        "egress"
+    };
+    let action = format!("attaching {} to TCX {hook} of ifindex {ifindex}", prog.name());
+    let prog_pin = dir.join(prog.pin_name());
+    let prog_fd = sys::obj_get(&prog_pin)
+        .map_err(|e| EbpfError::io(format!("opening pinned program {}", prog_pin.display()), e))?;
+    let link = sys::tcx_link_create(prog_fd.as_fd(), ifindex, prog.attach_type())
+        .map_err(|e| EbpfError::io(action, e))?;
+    // Until pinned, the link lives only as long as `link`: a failure below detaches it.
+    sys::obj_pin(link.as_fd(), link_pin)
+        .map_err(|e| EbpfError::io(format!("pinning link {}", link_pin.display()), e))?;
+    Ok(())
 }

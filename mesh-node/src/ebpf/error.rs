@@ -40,6 +40,22 @@ pub enum EbpfError {
     #[error("cannot find this process's cgroup v2 directory: {0}")]
     OwnCgroup(String),
 
+    #[error("interface {name} not found in this network namespace ({role})")]
+    InterfaceNotFound { role: &'static str, name: String },
+
+    #[error("invalid marks: {0}")]
+    InvalidMarks(String),
+
+    #[error(
+        "the tc programs' marks are not configured: call Datapath::set_marks before set_inbound/set_strict"
+    )]
+    MarksNotSet,
+
+    #[error(
+        "the pinned set {dir} was removed (replaced by another agent): this handle can no longer change it"
+    )]
+    SetReplaced { dir: PathBuf },
+
     /// An unexpected failure of a file system or `bpf(2)` operation.
     #[error("{action}: {err}")]
     Io { action: String, err: io::Error },

@@ -3,14 +3,14 @@
 
 use std::{
     collections::{BTreeSet, HashMap as StdHashMap},
-    net::SocketAddr,
+    net::{IpAddr, SocketAddr},
 };
 
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use ipnet::IpNet;
 use mesh_common::{
-    self as common, addr_from_ip, Enrollment, OrigDst, ProxyConfig, SockKey, COUNTER_COUNT, COUNTER_NAMES,
-    ENROLL_CAPTURE_OUTBOUND,
+    self as common, addr_from_ip, ip_from_addr, Enrollment, OrigDst, ProxyConfig, SockKey, TcConfig,
+    COUNTER_COUNT, COUNTER_NAMES, ENROLL_CAPTURE_OUTBOUND, LOCAL_IP_CAPTURE_INBOUND,
 };
 
 use super::{error::EbpfError, DatapathConfig, EnrollDiff};
@@ -22,6 +22,8 @@ pub(crate) struct Maps {
     excl_ports: HashMap<MapData, u16, u8>,
     excl_cidrs: LpmTrie<MapData, [u32; 4], u8>,
     counters: PerCpuArray<MapData, u64>,
+    local_ips: HashMap<MapData, [u32; 4], u32>,
+    tc_config: Array<MapData, TcConfig>,
 }
 
 fn take<T>(maps: &mut StdHashMap<&'static str, MapData>, name: &'static str) -> Result<T, EbpfError>
@@ -45,7 +47,71 @@ impl Maps {
             excl_ports: take(&mut maps, common::MAP_EXCL_PORTS)?,
             excl_cidrs: take(&mut maps, common::MAP_EXCL_CIDRS)?,
             counters: take(&mut maps, common::MAP_COUNTERS)?,
+            local_ips: take(&mut maps, common::MAP_LOCAL_IPS)?,
+            tc_config: take(&mut maps, common::MAP_TC_CONFIG)?,
         })
+    }
+
+    pub(crate) fn tc_config(&self) -> Result<TcConfig, EbpfError> {
+        self.tc_config
+            .get(&0, 0)
+            .map_err(|e| EbpfError::aya("reading mesh_tc_config", e))
+    }
+
+    pub(crate) fn set_tc_config(&mut self, cfg: TcConfig) -> Result<(), EbpfError> {
+        self.tc_config
+            .set(0, cfg, 0)
+            .map_err(|e| EbpfError::aya("writing mesh_tc_config", e))
+    }
+
+    pub(crate) fn local_ips(&self) -> Result<BTreeSet<IpAddr>, EbpfError> {
+        self.local_ips
+            .keys()
+            .map(|k| k.map(|k| ip_from_addr(&k)))
+            .collect::<Result<BTreeSet<IpAddr>, _>>()
+            .map_err(|e| EbpfError::aya("reading mesh_local_ips", e))
+    }
+
+    /// Makes `mesh_local_ips` equal `desired`: new entries first, then stale ones out.
+    /// Returns (added, removed).
+    pub(crate) fn set_local_ips(
+        &mut self,
+        desired: &BTreeSet<IpAddr>,
+    ) -> Result<(Vec<IpAddr>, Vec<IpAddr>), EbpfError> {
+        // Compared in map form: an IPv4 address and its v4-mapped IPv6 form are one key.
+        let want: BTreeSet<[u32; 4]> = desired.iter().map(|ip| addr_from_ip(*ip)).collect();
+        let have = self
+            .local_ips
+            .keys()
+            .collect::<Result<BTreeSet<[u32; 4]>, _>>()
+            .map_err(|e| EbpfError::aya("reading mesh_local_ips", e))?;
+        let added: Vec<[u32; 4]> = want.difference(&have).copied().collect();
+        let removed: Vec<[u32; 4]> = have.difference(&want).copied().collect();
+        self.add_local_ips(added.iter())?;
+        for key in &removed {
+            remove_ok(self.local_ips.remove(key)).map_err(|e| {
+                EbpfError::aya(format!("removing local pod address {}", ip_from_addr(key)), e)
+            })?;
+        }
+        let sorted = |keys: &[[u32; 4]]| {
+            let mut ips: Vec<IpAddr> = keys.iter().map(ip_from_addr).collect();
+            ips.sort();
+            ips
+        };
+        Ok((sorted(&added), sorted(&removed)))
+    }
+
+    /// Adds addresses (map form) without removing any.
+    pub(crate) fn add_local_ips<'a>(
+        &mut self,
+        keys: impl Iterator<Item = &'a [u32; 4]>,
+    ) -> Result<(), EbpfError> {
+        for key in keys {
+            self.local_ips
+                .insert(key, LOCAL_IP_CAPTURE_INBOUND, 0)
+                .map_err(|e| EbpfError::aya(format!("adding local pod address {}", ip_from_addr(key)), e))?;
+        }
+        Ok(())
     }
 
     /// Writes the proxy config and makes the exclusion maps equal the desired ones. New

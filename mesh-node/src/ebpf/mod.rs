@@ -13,6 +13,16 @@
 //! only answer from their own maps and leave a miss untouched. `BPF_LINK_UPDATE` was not used:
 //! it swaps one program in place but cannot carry the old set's map contents, and a set can
 //! differ in shape (number of programs, maps) between versions.
+//!
+//! Inbound capture and STRICT enforcement are tc programs on interfaces of the node's network
+//! namespace, attached as TCX links: [`Datapath::set_inbound`] (ingress of the uplink) and
+//! [`Datapath::set_strict`] (egress of STRICT pods' host-side veths) reconcile their link pins
+//! against a desired state, like `set_enrolled` does for the map. `start` never removes those
+//! pins (a restart keeps them attached, untouched); a replacement set attaches its own tc
+//! programs to the same interfaces, with the old set's marks and pod addresses, before the old
+//! set is removed. The tc programs read their marks from `mesh_tc_config` ([`Marks`],
+//! [`Datapath::set_marks`]); the policy routing that completes inbound capture is in
+//! `crate::netlink`.
 
 mod attach;
 mod cgroup;
@@ -23,9 +33,9 @@ mod preflight;
 mod sys;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeMap, BTreeSet},
     fmt, fs, io,
-    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
 };
 
@@ -34,7 +44,7 @@ use tracing::{debug, info, warn};
 
 pub use cgroup::{cgroup2_mount_point, cgroup_id, own_cgroup};
 pub use error::EbpfError;
-pub use mesh_common::{ProxyConfig, COUNTER_NAMES};
+pub use mesh_common::{ProxyConfig, TcConfig, COUNTER_NAMES};
 pub use preflight::preflight;
 
 use pins::{PinnedSet, Prog, WantedLink};
@@ -65,6 +75,134 @@ pub struct EnrollDiff {
     pub removed: Vec<u64>,
 }
 
+/// The marks shared by the tc programs, the capture routing rule and the proxy's sockets.
+/// They must be non-zero and have no bit in common.
+///
+/// Defaults: capture `0x1000`, proxy `0x2000` (bits 12 and 13). Chosen to stay clear of the
+/// bits other node components commonly claim: Istio ambient uses 0x111/0x222/0x539 under the
+/// mask 0xfff; Cilium uses 0x0f00 (its proxy/host/encrypt magic) and the upper 16 bits
+/// (identities); Calico allocates from 0xffff0000; kube-proxy uses 0x4000 (masquerade) and 0x8000
+/// (drop); the AWS VPC CNI 0x80. Known overlap: Cilium with IPsec keeps its key index in bits
+/// 12-15; pick other bits there (`--capture-mark`, `--proxy-mark`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Marks {
+    /// OR-ed into `skb->mark` of inbound HBONE to local pods on the uplink; the routing rule
+    /// matches `fwmark capture/capture`.
+    pub capture: u32,
+    /// The proxy's upstream sockets carry it (`SO_MARK`); a SYN into a STRICT pod passes only
+    /// when `mark & proxy == proxy`.
+    pub proxy: u32,
+}
+
+impl Marks {
+    pub const DEFAULT_CAPTURE: u32 = 0x1000;
+    pub const DEFAULT_PROXY: u32 = 0x2000;
+
+    pub fn validate(&self) -> Result<(), String> {
+        if self.capture == 0 || self.proxy == 0 {
+            return Err(format!(
+                "capture mark {:#x} and proxy mark {:#x} must both be non-zero",
+                self.capture, self.proxy
+            ));
+        }
+        if self.capture & self.proxy != 0 {
+            return Err(format!(
+                "capture mark {:#x} and proxy mark {:#x} share bits {:#x}: they must be disjoint",
+                self.capture,
+                self.proxy,
+                self.capture & self.proxy
+            ));
+        }
+        Ok(())
+    }
+
+    fn tc_config(&self) -> TcConfig {
+        TcConfig {
+            capture_mark: self.capture,
+            proxy_mark: self.proxy,
+            proxy_mask: self.proxy,
+            flags: mesh_common::TC_CONFIG_SET,
+        }
+    }
+
+    fn from_tc_config(cfg: &TcConfig) -> Option<Marks> {
+        (cfg.flags & mesh_common::TC_CONFIG_SET != 0).then_some(Marks {
+            capture: cfg.capture_mark,
+            proxy: cfg.proxy_mark,
+        })
+    }
+}
+
+impl Default for Marks {
+    fn default() -> Self {
+        Marks {
+            capture: Marks::DEFAULT_CAPTURE,
+            proxy: Marks::DEFAULT_PROXY,
+        }
+    }
+}
+
+/// A pod's mTLS mode, as far as the kernel is concerned.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Mode {
+    /// Plain TCP from anywhere reaches the pod.
+    Permissive,
+    /// A connection into the pod must come from the node proxy (its mark); others' SYNs are
+    /// dropped at the pod's host-side veth.
+    Strict,
+}
+
+/// An interface by index, with its name when it still exists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Iface {
+    pub ifindex: u32,
+    pub name: Option<String>,
+}
+
+/// What `set_inbound` changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct InboundDiff {
+    /// Local pod addresses added to / removed from the capture map (ascending, map form: an
+    /// IPv4 address given as `::ffff:a.b.c.d` is reported as IPv4).
+    pub ips_added: Vec<IpAddr>,
+    pub ips_removed: Vec<IpAddr>,
+    /// Whether the uplink's ingress link was attached now (false: a valid one was re-used).
+    pub attached: bool,
+    /// Inbound links detached from other interfaces (the uplink changed).
+    pub detached: Vec<Iface>,
+}
+
+/// What `set_strict` changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StrictDiff {
+    /// Interfaces whose egress link was attached now (ascending by name).
+    pub attached: Vec<String>,
+    /// Interfaces whose link was detached (no longer STRICT, or gone).
+    pub detached: Vec<Iface>,
+    /// STRICT interfaces that do not exist (yet) in this network namespace → why. Retried on
+    /// the next call; not an error, like an enrolled pod whose cgroup is not there yet.
+    pub unresolved: BTreeMap<String, String>,
+}
+
+/// Which tc program a TCX link runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum TcKind {
+    Inbound,
+    Strict,
+}
+
+/// A pinned TCX link of the active set, as the kernel reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TcLink {
+    pub kind: TcKind,
+    /// The interface the pin was made for.
+    pub ifindex: u32,
+    pub name: Option<String>,
+    /// `None` when the pin no longer holds a live TCX link (e.g. the interface is gone).
+    pub link_id: Option<u32>,
+    pub prog_id: Option<u32>,
+}
+
 /// The running datapath: handles to the pinned maps. It holds no program or link fds, so
 /// dropping it (or the process exiting) changes nothing in the kernel.
 pub struct Datapath {
@@ -72,7 +210,11 @@ pub struct Datapath {
     abi: String,
     reused: bool,
     links_attached: usize,
+    tc_links_carried: usize,
     maps: maps::Maps,
+    /// Kernel ids of this set's tc programs.
+    tc_prog_ids: [(Prog, u32); 2],
+    marks: Option<Marks>,
 }
 
 impl fmt::Debug for Datapath {
@@ -122,6 +264,10 @@ impl Datapath {
             }
         };
         let reused = staging.is_none();
+        let tc_prog_ids = [
+            (Prog::TcInbound, set.prog_id(Prog::TcInbound)),
+            (Prog::TcStrict, set.prog_id(Prog::TcStrict)),
+        ];
         let mut maps = maps::Maps::new(std::mem::take(&mut set.maps))?;
         maps.apply_config(cfg)?;
 
@@ -130,10 +276,10 @@ impl Datapath {
             .into_iter()
             .filter(|p| p != &dir && p != &set_dir && p.file_name() != Some(pins::CURRENT.as_ref()))
             .collect();
+        let mut previous = stale.clone();
+        previous.push(dir.clone());
         if !reused {
             // Capture the same pods from the first moment the new programs are attached.
-            let mut previous = stale.clone();
-            previous.push(dir.clone());
             let carried = pins::enrolled_in(&previous);
             if !carried.is_empty() {
                 maps.add_enrolled(&carried)?;
@@ -142,9 +288,25 @@ impl Datapath {
                     "carried enrolled cgroups over from the replaced set"
                 );
             }
+            let (ips, tc_config) = pins::tc_state_in(&previous);
+            if !ips.is_empty() {
+                maps.add_local_ips(ips.iter())?;
+                info!(
+                    count = ips.len(),
+                    "carried local pod addresses over from the replaced set"
+                );
+            }
+            if let Some(tc_config) = tc_config {
+                maps.set_tc_config(tc_config)?;
+            }
         }
 
         let links_attached = ensure_links(&set, &set_dir, &wanted)?;
+        let tc_links_carried = if reused {
+            0
+        } else {
+            carry_tc_links(&set, &set_dir, &previous)?
+        };
 
         // The new set is complete and attached: now remove what it replaces.
         if let Some(staging) = staging {
@@ -160,10 +322,12 @@ impl Datapath {
         }
         point_current(pin_dir, &abi);
 
+        let marks = Marks::from_tc_config(&maps.tc_config()?);
         info!(
             dir = %dir.display(),
             reused,
             links_attached,
+            tc_links_carried,
             pods_cgroup = pods_id,
             proxy_cgroup = proxy_id,
             "eBPF datapath ready"
@@ -173,7 +337,10 @@ impl Datapath {
             abi,
             reused,
             links_attached,
+            tc_links_carried,
             maps,
+            tc_prog_ids,
+            marks,
         })
     }
 
@@ -233,6 +400,238 @@ impl Datapath {
     pub fn exclusions(&self) -> Result<(BTreeSet<u16>, BTreeSet<IpNet>), EbpfError> {
         self.maps.exclusions()
     }
+
+    /// Writes the marks the tc programs use. Until the first call on a set, its tc programs
+    /// change nothing (no capture mark, no STRICT drop). A restarted agent finds the marks of the
+    /// previous one already in place ([`Datapath::marks`]) and should call this again with its
+    /// own config.
+    pub fn set_marks(&mut self, marks: Marks) -> Result<(), EbpfError> {
+        marks.validate().map_err(EbpfError::InvalidMarks)?;
+        if self.marks != Some(marks) {
+            self.maps.set_tc_config(marks.tc_config())?;
+            info!(
+                capture = format_args!("{:#x}", marks.capture),
+                proxy = format_args!("{:#x}", marks.proxy),
+                "tc marks set"
+            );
+        }
+        self.marks = Some(marks);
+        Ok(())
+    }
+
+    /// The marks the tc programs use, if set.
+    pub fn marks(&self) -> Option<Marks> {
+        self.marks
+    }
+
+    /// Inbound capture: makes the set of local pod addresses whose HBONE port (15008) is
+    /// captured equal `local_pod_ips`, and ensures exactly one inbound link, on the TCX ingress
+    /// of `uplink` (an interface of this thread's network namespace). A valid link is re-used;
+    /// a link on another interface (the uplink changed) is detached after the new one is
+    /// attached. Addresses are added before the link is attached, so the first packet after
+    /// the attach is already captured. Needs [`Datapath::set_marks`] first.
+    ///
+    /// This is the kernel half of inbound capture: the packets it marks are delivered locally
+    /// only with the rule and route of `crate::netlink::ensure_capture_routing`, to a listener
+    /// made by `crate::proxy::listener::bind_transparent`.
+    pub fn set_inbound(
+        &mut self,
+        uplink: &str,
+        local_pod_ips: &BTreeSet<IpAddr>,
+    ) -> Result<InboundDiff, EbpfError> {
+        if self.marks.is_none() {
+            return Err(EbpfError::MarksNotSet);
+        }
+        let ifindex = sys::if_nametoindex(uplink).map_err(|_| EbpfError::InterfaceNotFound {
+            role: "uplink",
+            name: uplink.to_string(),
+        })?;
+        let _lock = self.lock()?;
+        let (ips_added, ips_removed) = self.maps.set_local_ips(local_pod_ips)?;
+        let attached = self.ensure_tc_link(Prog::TcInbound, ifindex)?;
+        let mut detached = Vec::new();
+        for pin in pins::tc_pins(&self.dir)? {
+            if pin.prog == Prog::TcInbound && pin.ifindex != ifindex {
+                pins::remove_pin(&pin.path)?;
+                detached.push(iface(pin.ifindex));
+            }
+        }
+        let diff = InboundDiff {
+            ips_added,
+            ips_removed,
+            attached,
+            detached,
+        };
+        if diff != InboundDiff::default() {
+            info!(
+                uplink,
+                ifindex,
+                added = ?diff.ips_added,
+                removed = ?diff.ips_removed,
+                attached = diff.attached,
+                detached = ?diff.detached,
+                "inbound capture updated"
+            );
+        }
+        Ok(diff)
+    }
+
+    /// Stops inbound capture: detaches every inbound link and empties the address map.
+    /// Returns the interfaces detached from.
+    pub fn remove_inbound(&mut self) -> Result<Vec<Iface>, EbpfError> {
+        let _lock = self.lock()?;
+        let mut detached = Vec::new();
+        for pin in pins::tc_pins(&self.dir)? {
+            if pin.prog == Prog::TcInbound {
+                pins::remove_pin(&pin.path)?;
+                detached.push(iface(pin.ifindex));
+            }
+        }
+        self.maps.set_local_ips(&BTreeSet::new())?;
+        Ok(detached)
+    }
+
+    /// The local pod addresses inbound capture is on for (IPv4 as IPv4).
+    pub fn local_ips(&self) -> Result<BTreeSet<IpAddr>, EbpfError> {
+        self.maps.local_ips()
+    }
+
+    /// STRICT enforcement: the egress program is attached to exactly the host-side veths (names
+    /// in this thread's network namespace) whose mode is [`Mode::Strict`]; PERMISSIVE and
+    /// unlisted interfaces have none. Valid links are re-used, so calling this again (or after
+    /// a restart) attaches nothing twice. Interfaces that do not exist are reported in
+    /// `unresolved`, not failed. Needs [`Datapath::set_marks`] first.
+    pub fn set_strict(&mut self, veths: &BTreeMap<String, Mode>) -> Result<StrictDiff, EbpfError> {
+        if self.marks.is_none() {
+            return Err(EbpfError::MarksNotSet);
+        }
+        let _lock = self.lock()?;
+        let mut diff = StrictDiff::default();
+        let mut want = BTreeSet::new();
+        for (name, mode) in veths {
+            if *mode != Mode::Strict {
+                continue;
+            }
+            match sys::if_nametoindex(name) {
+                Ok(ifindex) => {
+                    want.insert(ifindex);
+                    if self.ensure_tc_link(Prog::TcStrict, ifindex)? {
+                        diff.attached.push(name.clone());
+                    }
+                }
+                Err(e) => {
+                    diff.unresolved
+                        .insert(name.clone(), format!("interface not found: {e}"));
+                }
+            }
+        }
+        for pin in pins::tc_pins(&self.dir)? {
+            if pin.prog == Prog::TcStrict && !want.contains(&pin.ifindex) {
+                pins::remove_pin(&pin.path)?;
+                diff.detached.push(iface(pin.ifindex));
+            }
+        }
+        if !diff.attached.is_empty() || !diff.detached.is_empty() {
+            info!(attached = ?diff.attached, detached = ?diff.detached, "STRICT enforcement updated");
+        }
+        Ok(diff)
+    }
+
+    /// The TCX link pins of the active set, with what the kernel says about each.
+    pub fn tc_links(&self) -> Result<Vec<TcLink>, EbpfError> {
+        Ok(pins::tc_pins(&self.dir)?
+            .into_iter()
+            .map(|pin| {
+                let info = pins::tc_link_alive(&pin.path);
+                TcLink {
+                    kind: if pin.prog == Prog::TcInbound {
+                        TcKind::Inbound
+                    } else {
+                        TcKind::Strict
+                    },
+                    ifindex: pin.ifindex,
+                    name: sys::if_indextoname(pin.ifindex).ok(),
+                    link_id: info.map(|i| i.id),
+                    prog_id: info.map(|i| i.prog_id),
+                }
+            })
+            .collect())
+    }
+
+    /// How many TCX links this start attached to carry a replaced set's over (0 on a restart).
+    pub fn tc_links_carried(&self) -> usize {
+        self.tc_links_carried
+    }
+
+    /// Keeps a valid `prog` link on `ifindex`, else attaches one. Returns whether it attached.
+    fn ensure_tc_link(&self, prog: Prog, ifindex: u32) -> Result<bool, EbpfError> {
+        let path = self.dir.join(prog.tc_pin_name(ifindex));
+        let prog_id = self.tc_prog_id(prog);
+        if fs::symlink_metadata(&path).is_ok() {
+            match pins::check_tc_link(&path, prog, ifindex, prog_id) {
+                Ok(()) => return Ok(false),
+                Err(reason) => {
+                    warn!(link = %path.display(), %reason, "replacing invalid TCX link pin");
+                    pins::remove_pin(&path)?;
+                }
+            }
+        }
+        attach::attach_tcx(prog, &self.dir, ifindex, &path)?;
+        debug!(link = %path.display(), ifindex, "attached");
+        Ok(true)
+    }
+
+    fn tc_prog_id(&self, prog: Prog) -> u32 {
+        self.tc_prog_ids
+            .iter()
+            .find_map(|(p, id)| (*p == prog).then_some(*id))
+            .unwrap_or_default()
+    }
+
+    /// The pin dir lock, and a check that this handle's set is still the one pinned.
+    fn lock(&self) -> Result<sys::FileLock, EbpfError> {
+        let pin_dir = self.dir.parent().unwrap_or(Path::new("/"));
+        let lock = sys::FileLock::exclusive(pin_dir)
+            .map_err(|e| EbpfError::io(format!("locking {}", pin_dir.display()), e))?;
+        if !self.dir.is_dir() {
+            return Err(EbpfError::SetReplaced {
+                dir: self.dir.clone(),
+            });
+        }
+        Ok(lock)
+    }
+}
+
+fn iface(ifindex: u32) -> Iface {
+    Iface {
+        ifindex,
+        name: sys::if_indextoname(ifindex).ok(),
+    }
+}
+
+/// Attaches this set's tc programs to every interface a replaced set's live TCX links are on
+/// (pinned under the same names), so inbound capture and STRICT enforcement never lapse while
+/// the old set is removed. Returns how many links it attached.
+fn carry_tc_links(set: &PinnedSet, set_dir: &Path, previous: &[PathBuf]) -> Result<usize, EbpfError> {
+    let mut attached = 0;
+    for dir in previous {
+        for pin in pins::tc_pins(dir)? {
+            if pins::tc_link_alive(&pin.path).is_none_or(|info| info.ifindex != pin.ifindex) {
+                continue;
+            }
+            let path = set_dir.join(pin.prog.tc_pin_name(pin.ifindex));
+            if fs::symlink_metadata(&path).is_ok() {
+                if pins::check_tc_link(&path, pin.prog, pin.ifindex, set.prog_id(pin.prog)).is_ok() {
+                    continue;
+                }
+                pins::remove_pin(&path)?;
+            }
+            attach::attach_tcx(pin.prog, set_dir, pin.ifindex, &path)?;
+            info!(link = %path.display(), "carried TCX link over from the replaced set");
+            attached += 1;
+        }
+    }
+    Ok(attached)
 }
 
 /// Removes every pin under pin_dir, which detaches the programs (for `mesh-node uninstall`
@@ -259,7 +658,7 @@ pub fn uninstall(pin_dir: &Path) -> Result<(), EbpfError> {
 }
 
 fn wanted_links(cfg: &DatapathConfig, pods_id: u64, proxy_id: u64) -> Vec<WantedLink> {
-    Prog::ALL
+    Prog::CGROUP
         .into_iter()
         .map(|prog| {
             let (cgroup_dir, cgroup_id) = if prog == Prog::Getsockopt {

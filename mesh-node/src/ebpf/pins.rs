@@ -9,8 +9,16 @@
 //!     prog_connect4 prog_connect6 prog_sock_ops prog_getsockopt     programs
 //!     link_connect4_cg<ID> link_connect6_cg<ID> link_sock_ops_cg<ID>  cgroup links (pods cgroup)
 //!     link_getsockopt_cg<ID>                                          cgroup link (proxy cgroup)
+//!     mesh_local_ips mesh_tc_config                                   maps of the tc programs
+//!     prog_tc_inbound prog_tc_strict                                  tc programs
+//!     tcx_inbound_if<IFINDEX>        TCX ingress link on the uplink (set_inbound)
+//!     tcx_strict_if<IFINDEX>         TCX egress link on a STRICT pod's host veth (set_strict)
 //!   staging-<abi>-<pid>/            a set being built; renamed to <abi> once complete
 //! ```
+//! TCX links name interfaces by index, which is only meaningful in the agent's network
+//! namespace: one pin dir serves one node netns. `Datapath::start` keeps `tcx_*` pins as they
+//! are (they are the desired state of `set_inbound`/`set_strict`, which reconcile them); a
+//! replacement set re-attaches its own programs to the same interfaces before the old set goes.
 //! Removing a link pin detaches that link (nothing else keeps link fds open: `Datapath` holds
 //! map fds only), and removal also issues `BPF_LINK_DETACH` so an fd some other process still
 //! holds cannot keep a stale program attached.
@@ -34,6 +42,8 @@ pub(crate) const CURRENT: &str = "current";
 /// (bpffs refuses names that contain a dot: lookups of them fail with EPERM.)
 pub(crate) const STAGING_PREFIX: &str = "staging-";
 const LINK_PREFIX: &str = "link_";
+/// Prefix of TCX link pins (`tcx_inbound_if<N>`, `tcx_strict_if<N>`).
+pub(crate) const TCX_PREFIX: &str = "tcx_";
 
 /// `enum bpf_map_type` values used here.
 const BPF_MAP_TYPE_HASH: u32 = 1;
@@ -41,6 +51,10 @@ const BPF_MAP_TYPE_ARRAY: u32 = 2;
 const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
 const BPF_MAP_TYPE_LPM_TRIE: u32 = 11;
+
+/// `enum bpf_attach_type`: BPF_TCX_INGRESS, BPF_TCX_EGRESS.
+pub(crate) const BPF_TCX_INGRESS: u32 = 46;
+pub(crate) const BPF_TCX_EGRESS: u32 = 47;
 
 /// The ABI directory name of an object: 16 hex digits of its FNV-1a 64 hash.
 pub(crate) fn abi_of(object: &[u8]) -> String {
@@ -59,10 +73,22 @@ pub(crate) enum Prog {
     Connect6,
     SockOps,
     Getsockopt,
+    TcInbound,
+    TcStrict,
 }
 
 impl Prog {
-    pub(crate) const ALL: [Prog; 4] = [Prog::Connect4, Prog::Connect6, Prog::SockOps, Prog::Getsockopt];
+    /// Every program of the set (loaded, pinned and checked together).
+    pub(crate) const ALL: [Prog; 6] = [
+        Prog::Connect4,
+        Prog::Connect6,
+        Prog::SockOps,
+        Prog::Getsockopt,
+        Prog::TcInbound,
+        Prog::TcStrict,
+    ];
+    /// The programs `Datapath::start` attaches to cgroups.
+    pub(crate) const CGROUP: [Prog; 4] = [Prog::Connect4, Prog::Connect6, Prog::SockOps, Prog::Getsockopt];
 
     /// ELF symbol name.
     pub(crate) fn name(self) -> &'static str {
@@ -71,6 +97,8 @@ impl Prog {
             Prog::Connect6 => common::PROG_CONNECT6,
             Prog::SockOps => common::PROG_SOCK_OPS,
             Prog::Getsockopt => common::PROG_GETSOCKOPT,
+            Prog::TcInbound => common::PROG_TC_INBOUND,
+            Prog::TcStrict => common::PROG_TC_STRICT,
         }
     }
 
@@ -80,6 +108,8 @@ impl Prog {
             Prog::Connect6 => "prog_connect6",
             Prog::SockOps => "prog_sock_ops",
             Prog::Getsockopt => "prog_getsockopt",
+            Prog::TcInbound => "prog_tc_inbound",
+            Prog::TcStrict => "prog_tc_strict",
         }
     }
 
@@ -89,6 +119,8 @@ impl Prog {
             Prog::Connect6 => "link_connect6",
             Prog::SockOps => "link_sock_ops",
             Prog::Getsockopt => "link_getsockopt",
+            Prog::TcInbound => "tcx_inbound",
+            Prog::TcStrict => "tcx_strict",
         }
     }
 
@@ -98,6 +130,7 @@ impl Prog {
             Prog::Connect4 | Prog::Connect6 => 18, // BPF_PROG_TYPE_CGROUP_SOCK_ADDR
             Prog::SockOps => 13,                   // BPF_PROG_TYPE_SOCK_OPS
             Prog::Getsockopt => 25,                // BPF_PROG_TYPE_CGROUP_SOCKOPT
+            Prog::TcInbound | Prog::TcStrict => 3, // BPF_PROG_TYPE_SCHED_CLS
         }
     }
 
@@ -108,8 +141,83 @@ impl Prog {
             Prog::Connect6 => 11,   // BPF_CGROUP_INET6_CONNECT
             Prog::SockOps => 3,     // BPF_CGROUP_SOCK_OPS
             Prog::Getsockopt => 21, // BPF_CGROUP_GETSOCKOPT
+            Prog::TcInbound => BPF_TCX_INGRESS,
+            Prog::TcStrict => BPF_TCX_EGRESS,
         }
     }
+
+    /// The pin name of this (tc) program's TCX link on interface `ifindex`.
+    pub(crate) fn tc_pin_name(self, ifindex: u32) -> String {
+        format!("{}_if{ifindex}", self.link_stem())
+    }
+}
+
+/// The (tc program, ifindex) a TCX link pin name stands for.
+pub(crate) fn parse_tc_pin(name: &str) -> Option<(Prog, u32)> {
+    [Prog::TcInbound, Prog::TcStrict].into_iter().find_map(|prog| {
+        let index = name.strip_prefix(prog.link_stem())?.strip_prefix("_if")?;
+        let ifindex: u32 = index.parse().ok().filter(|i| *i > 0)?;
+        (prog.tc_pin_name(ifindex) == name).then_some((prog, ifindex))
+    })
+}
+
+/// A TCX link pin of a set directory.
+#[derive(Clone, Debug)]
+pub(crate) struct TcPin {
+    pub prog: Prog,
+    pub ifindex: u32,
+    pub path: PathBuf,
+}
+
+/// The TCX link pins in `dir`, sorted by name.
+pub(crate) fn tc_pins(dir: &Path) -> Result<Vec<TcPin>, EbpfError> {
+    Ok(list(dir)?
+        .into_iter()
+        .filter_map(|path| {
+            let (prog, ifindex) = parse_tc_pin(path.file_name()?.to_str()?)?;
+            Some(TcPin { prog, ifindex, path })
+        })
+        .collect())
+}
+
+/// Whether the TCX link pinned at `path` is attached to `ifindex` as `prog`'s hook, running
+/// program `prog_id`. `Err` is why not.
+pub(crate) fn check_tc_link(path: &Path, prog: Prog, ifindex: u32, prog_id: u32) -> Result<(), String> {
+    let fd = sys::obj_get(path).map_err(|e| format!("cannot open: {e}"))?;
+    if sys::obj_kind(&fd) != sys::ObjKind::Link {
+        return Err("not a link".into());
+    }
+    let info = sys::tcx_link_info(&fd).map_err(|e| format!("link info: {e}"))?;
+    if info.link_type != sys::BPF_LINK_TYPE_TCX {
+        return Err(format!("link type {} is not a TCX link", info.link_type));
+    }
+    if info.ifindex == 0 {
+        return Err("defunct (its interface is gone)".into());
+    }
+    if info.ifindex != ifindex || info.attach_type != prog.attach_type() {
+        return Err(format!(
+            "attached to ifindex {} as {}, expected ifindex {ifindex} as {}",
+            info.ifindex,
+            info.attach_type,
+            prog.attach_type()
+        ));
+    }
+    if info.prog_id != prog_id {
+        return Err(format!("runs program id {}, not this set's", info.prog_id));
+    }
+    Ok(())
+}
+
+/// The info of the TCX link pinned at `path`; `None` when it is not a TCX link or its interface
+/// is gone.
+pub(crate) fn tc_link_alive(path: &Path) -> Option<sys::TcxLinkInfo> {
+    let fd = sys::obj_get(path).ok()?;
+    if sys::obj_kind(&fd) != sys::ObjKind::Link {
+        return None;
+    }
+    sys::tcx_link_info(&fd)
+        .ok()
+        .filter(|i| i.link_type == sys::BPF_LINK_TYPE_TCX && i.ifindex != 0)
 }
 
 /// A cgroup link the set must have.
@@ -146,7 +254,7 @@ const fn spec<K, V>(name: &'static str, map_type: u32, max_entries: u32) -> MapS
     }
 }
 
-const MAP_SPECS: [MapSpec; 7] = [
+const MAP_SPECS: [MapSpec; 9] = [
     spec::<u32, common::ProxyConfig>(common::MAP_CONFIG, BPF_MAP_TYPE_ARRAY, common::CONFIG_MAX_ENTRIES),
     spec::<u64, common::Enrollment>(
         common::MAP_ENROLLED,
@@ -178,6 +286,16 @@ const MAP_SPECS: [MapSpec; 7] = [
         common::MAP_COUNTERS,
         BPF_MAP_TYPE_PERCPU_ARRAY,
         common::COUNTER_COUNT,
+    ),
+    spec::<[u32; 4], u32>(
+        common::MAP_LOCAL_IPS,
+        BPF_MAP_TYPE_HASH,
+        common::LOCAL_IPS_MAX_ENTRIES,
+    ),
+    spec::<u32, common::TcConfig>(
+        common::MAP_TC_CONFIG,
+        BPF_MAP_TYPE_ARRAY,
+        common::TC_CONFIG_MAX_ENTRIES,
     ),
 ];
 
@@ -239,6 +357,11 @@ impl PinnedSet {
             prog_ids.insert(prog.name(), info.id());
         }
         Ok(PinnedSet { maps, prog_ids })
+    }
+
+    /// The kernel id of one of the set's programs.
+    pub(crate) fn prog_id(&self, prog: Prog) -> u32 {
+        self.prog_ids.get(prog.name()).copied().unwrap_or_default()
     }
 
     /// Whether the link pinned at `path` is attached, to the right cgroup, with this set's
@@ -354,7 +477,7 @@ pub(crate) fn remove_tree(path: &Path) -> Result<usize, EbpfError> {
     entries.sort_by_key(|p| {
         !p.file_name()
             .and_then(|n| n.to_str())
-            .is_some_and(|n| n.starts_with(LINK_PREFIX))
+            .is_some_and(|n| n.starts_with(LINK_PREFIX) || n.starts_with(TCX_PREFIX))
     });
     let mut detached = 0;
     for entry in entries {
@@ -395,6 +518,63 @@ pub(crate) fn enrolled_in(stale: &[PathBuf]) -> BTreeSet<u64> {
     ids
 }
 
+/// What the tc programs of other (stale) sets under `pin_dir` were configured with: the local
+/// pod addresses (map form) and the marks, so a replacement set captures and enforces the same
+/// from its first moment. Best effort: unreadable or differently shaped maps are skipped.
+pub(crate) fn tc_state_in(stale: &[PathBuf]) -> (BTreeSet<[u32; 4]>, Option<common::TcConfig>) {
+    use aya::maps::{Array, HashMap as AyaHashMap, Map};
+    let mut ips = BTreeSet::new();
+    let mut config = None;
+    for dir in stale {
+        let path = dir.join(common::MAP_LOCAL_IPS);
+        if path.exists() {
+            let read = || -> Result<Vec<[u32; 4]>, String> {
+                let data = MapData::from_pin(&path).map_err(|e| e.to_string())?;
+                let info = data.info().map_err(|e| e.to_string())?;
+                if (info.key_size(), info.value_size()) != (16, 4) {
+                    return Err(format!(
+                        "key/value size {}/{}",
+                        info.key_size(),
+                        info.value_size()
+                    ));
+                }
+                let map = Map::from_map_data(data).map_err(|e| e.to_string())?;
+                let map = AyaHashMap::<MapData, [u32; 4], u32>::try_from(map).map_err(|e| e.to_string())?;
+                map.keys()
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| e.to_string())
+            };
+            match read() {
+                Ok(keys) => ips.extend(keys),
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot read local pod addresses of a stale set")
+                }
+            }
+        }
+        let path = dir.join(common::MAP_TC_CONFIG);
+        if config.is_none() && path.exists() {
+            let read = || -> Result<common::TcConfig, String> {
+                let data = MapData::from_pin(&path).map_err(|e| e.to_string())?;
+                let info = data.info().map_err(|e| e.to_string())?;
+                if info.value_size() as usize != size_of::<common::TcConfig>() {
+                    return Err(format!("value size {}", info.value_size()));
+                }
+                let map = Map::from_map_data(data).map_err(|e| e.to_string())?;
+                let map = Array::<MapData, common::TcConfig>::try_from(map).map_err(|e| e.to_string())?;
+                map.get(&0, 0).map_err(|e| e.to_string())
+            };
+            match read() {
+                Ok(cfg) if cfg.flags & common::TC_CONFIG_SET != 0 => config = Some(cfg),
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(path = %path.display(), error = %e, "cannot read the tc config of a stale set")
+                }
+            }
+        }
+    }
+    (ips, config)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -406,6 +586,23 @@ mod tests {
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, abi_of(b"two"));
         assert_eq!(abi_of(b""), "cbf29ce484222325");
+    }
+
+    #[test]
+    fn tc_pin_names_round_trip() {
+        assert_eq!(Prog::TcInbound.tc_pin_name(2), "tcx_inbound_if2");
+        assert_eq!(Prog::TcStrict.tc_pin_name(17), "tcx_strict_if17");
+        assert_eq!(parse_tc_pin("tcx_inbound_if2"), Some((Prog::TcInbound, 2)));
+        assert_eq!(parse_tc_pin("tcx_strict_if17"), Some((Prog::TcStrict, 17)));
+        for bad in [
+            "tcx_strict_if0",
+            "tcx_strict_if",
+            "tcx_strict_if07",
+            "tcx_other_if3",
+            "link_connect4_cg1",
+        ] {
+            assert_eq!(parse_tc_pin(bad), None, "{bad}");
+        }
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The few raw system calls aya 0.14 does not expose: link info with its cgroup fields,
-//! `BPF_LINK_DETACH`, `statfs` magic numbers, `flock`, and what kind of object a pin holds.
+//! The few raw system calls aya 0.14 does not expose: link info with its cgroup and TCX
+//! fields, `BPF_LINK_CREATE` for cgroups and TCX, `BPF_LINK_DETACH`, `statfs` magic numbers,
+//! `flock`, interface names, and what kind of object a pin holds.
 
 use std::{
     ffi::CString,
@@ -21,6 +22,8 @@ const BPF_LINK_DETACH: libc::c_long = 34;
 
 /// `enum bpf_link_type`: BPF_LINK_TYPE_CGROUP.
 pub const BPF_LINK_TYPE_CGROUP: u32 = 3;
+/// `enum bpf_link_type`: BPF_LINK_TYPE_TCX.
+pub const BPF_LINK_TYPE_TCX: u32 = 11;
 
 fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live, properly sized `union bpf_attr` prefix.
@@ -242,4 +245,94 @@ pub fn obj_pin(fd: std::os::fd::BorrowedFd<'_>, path: &Path) -> io::Result<()> {
         file_flags: 0,
     };
     bpf(BPF_OBJ_PIN, &mut attr).map(|_| ())
+}
+
+/// The leading part of `struct bpf_link_info` for TCX links.
+#[repr(C, align(8))]
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TcxLinkInfo {
+    pub link_type: u32,
+    pub id: u32,
+    pub prog_id: u32,
+    _pad: u32,
+    /// 0 once the device is gone (the link is then defunct).
+    pub ifindex: u32,
+    pub attach_type: u32,
+    _pad2: u64,
+}
+
+pub fn tcx_link_info(fd: &OwnedFd) -> io::Result<TcxLinkInfo> {
+    #[repr(C)]
+    struct Attr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut info = TcxLinkInfo::default();
+    let mut attr = Attr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: size_of::<TcxLinkInfo>() as u32,
+        info: &mut info as *mut TcxLinkInfo as u64,
+    };
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
+    Ok(info)
+}
+
+/// `BPF_LINK_CREATE` for a TCX hook (`BPF_TCX_INGRESS`/`BPF_TCX_EGRESS`) of the interface
+/// `ifindex` in the calling thread's network namespace: a bpf_link owned by the returned fd,
+/// appended after the programs already on the hook (no `BPF_F_BEFORE`/`AFTER`, no expected
+/// revision), so it coexists with other users of the hook.
+pub fn tcx_link_create(
+    prog_fd: std::os::fd::BorrowedFd<'_>,
+    ifindex: u32,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    const BPF_LINK_CREATE: libc::c_long = 28;
+    #[repr(C)]
+    struct Attr {
+        prog_fd: u32,
+        target_ifindex: u32,
+        attach_type: u32,
+        flags: u32,
+        relative_fd: u32,
+        _pad: u32,
+        expected_revision: u64,
+    }
+    let mut attr = Attr {
+        prog_fd: prog_fd.as_raw_fd() as u32,
+        target_ifindex: ifindex,
+        attach_type,
+        flags: 0,
+        relative_fd: 0,
+        _pad: 0,
+        expected_revision: 0,
+    };
+    let fd = bpf(BPF_LINK_CREATE, &mut attr)?;
+    // SAFETY: the kernel returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The index of interface `name` in the calling thread's network namespace.
+pub fn if_nametoindex(name: &str) -> io::Result<u32> {
+    let c = CString::new(name)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "interface name contains a NUL byte"))?;
+    // SAFETY: valid C string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    if index == 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(index)
+}
+
+/// The name of interface `index` in the calling thread's network namespace.
+pub fn if_indextoname(index: u32) -> io::Result<String> {
+    let mut buf = [0 as libc::c_char; libc::IF_NAMESIZE];
+    // SAFETY: the buffer holds IF_NAMESIZE bytes, as the call requires.
+    let p = unsafe { libc::if_indextoname(index, buf.as_mut_ptr()) };
+    if p.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: on success the buffer holds a NUL-terminated name.
+    let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
+    Ok(name.to_string_lossy().into_owned())
 }

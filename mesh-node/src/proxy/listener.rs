@@ -20,3 +20,43 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(BACKLOG)?;
     TcpListener::from_std(socket.into())
 }
+
+/// The inbound HBONE listener (`0.0.0.0:15008` / `[::]:15008`): like [`bind`], plus
+/// `IP_TRANSPARENT` (IPv4) or `IPV6_TRANSPARENT` (IPv6), so connections the uplink's tc program
+/// and the capture routing deliver locally, addressed to a pod's IP, are accepted here; the
+/// accepted socket's local address is then the pod's `IP:15008`, which tells the proxy which
+/// pod (and certificate) was dialled. Needs CAP_NET_ADMIN.
+pub fn bind_transparent(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        socket.set_only_v6(true)?;
+        set_ipv6_transparent(&socket)?;
+    } else {
+        socket.set_ip_transparent_v4(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(BACKLOG)?;
+    TcpListener::from_std(socket.into())
+}
+
+fn set_ipv6_transparent(socket: &Socket) -> io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket and a c_int option value of the size given.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_IPV6,
+            libc::IPV6_TRANSPARENT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -1,0 +1,195 @@
+//! What the two tc programs share: their maps, their config, and a small TCP/IP header parser.
+//!
+//! Headers are read with `bpf_skb_load_bytes` (aya's `load`), not by direct packet access: a
+//! variable IPv4 header length or a chain of IPv6 extension headers then needs no bounds proofs
+//! for the verifier, and a short packet is simply "not TCP".
+
+use aya_ebpf::{
+    bindings::__sk_buff,
+    macros::map,
+    maps::{Array, HashMap},
+    programs::TcContext,
+};
+use core::ptr::{addr_of, addr_of_mut};
+use mesh_common::{v4_mapped, TcConfig, LOCAL_IPS_MAX_ENTRIES, TC_CONFIG_MAX_ENTRIES, TC_CONFIG_SET};
+
+use crate::ctx::{rd, wr};
+
+/// Local pod address (v6 form) → `LOCAL_IP_CAPTURE_INBOUND`.
+#[map(name = "mesh_local_ips")]
+pub static MESH_LOCAL_IPS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(LOCAL_IPS_MAX_ENTRIES, 0);
+
+#[map(name = "mesh_tc_config")]
+pub static MESH_TC_CONFIG: Array<TcConfig> = Array::with_max_entries(TC_CONFIG_MAX_ENTRIES, 0);
+
+/// TCX verdicts (`enum tcx_action_base`). `TCX_NEXT` hands the packet to the next program on
+/// the hook (or lets it through when there is none), so other users of the hook, and a set
+/// that replaces this one, keep working.
+pub const TCX_NEXT: i32 = -1;
+pub const TCX_DROP: i32 = 2;
+
+pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_ACK: u8 = 0x10;
+
+const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const IPV6_HLEN: usize = 40;
+/// IPv6 extension headers followed before giving up on finding the transport header.
+const MAX_IPV6_EXT: u32 = 6;
+
+/// A TCP segment, as far as the programs care.
+pub struct Tcp {
+    /// Destination address, v6 form (IPv4 as v4-mapped), network-order words.
+    pub dst: [u32; 4],
+    /// Destination port, host order (0 in a non-first fragment).
+    pub dst_port: u16,
+    /// The TCP flags byte (0 in a non-first fragment).
+    pub flags: u8,
+    /// Part of a fragmented datagram: its TCP header may be missing or incomplete.
+    pub fragment: bool,
+}
+
+pub enum Parsed {
+    /// Not TCP over IPv4/IPv6 (or too short to tell).
+    Other,
+    Tcp(Tcp),
+    /// IPv6 whose extension-header chain is longer than we follow: it may carry TCP.
+    Opaque,
+}
+
+/// The tc programs' config, when user space has written it.
+#[inline(always)]
+pub fn tc_config() -> Option<TcConfig> {
+    let cfg = MESH_TC_CONFIG.get(0).copied()?;
+    (cfg.flags & TC_CONFIG_SET != 0).then_some(cfg)
+}
+
+#[inline(always)]
+pub fn mark(ctx: &TcContext) -> u32 {
+    unsafe { rd(addr_of!((*ctx.skb.skb).mark)) }
+}
+
+#[inline(always)]
+pub fn set_mark(ctx: &TcContext, mark: u32) {
+    unsafe { wr(addr_of_mut!((*ctx.skb.skb).mark), mark) }
+}
+
+/// Parses the Ethernet frame the program sees (tc runs with the MAC header in front, both on
+/// ingress and on egress).
+#[inline(always)]
+pub fn parse(ctx: &TcContext) -> Parsed {
+    let skb: *mut __sk_buff = ctx.skb.skb;
+    let proto = u16::from_be(unsafe { rd(addr_of!((*skb).protocol)) } as u16);
+    let parsed = match proto {
+        ETH_P_IP => parse_v4(ctx),
+        ETH_P_IPV6 => parse_v6(ctx),
+        _ => None,
+    };
+    parsed.unwrap_or(Parsed::Other)
+}
+
+#[inline(always)]
+fn parse_v4(ctx: &TcContext) -> Option<Parsed> {
+    let vihl: u8 = ctx.load(ETH_HLEN).ok()?;
+    let ihl = ((vihl & 0x0f) as usize) * 4;
+    if vihl >> 4 != 4 || ihl < 20 {
+        return None;
+    }
+    let protocol: u8 = ctx.load(ETH_HLEN + 9).ok()?;
+    if protocol != IPPROTO_TCP {
+        return Some(Parsed::Other);
+    }
+    let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?);
+    let dst: u32 = ctx.load(ETH_HLEN + 16).ok()?;
+    let dst = v4_mapped(dst);
+    let more_fragments = frag & 0x2000 != 0;
+    if frag & 0x1fff != 0 {
+        return Some(Parsed::Tcp(Tcp {
+            dst,
+            dst_port: 0,
+            flags: 0,
+            fragment: true,
+        }));
+    }
+    Some(tcp_at(ctx, ETH_HLEN + ihl, dst, more_fragments))
+}
+
+#[inline(always)]
+fn parse_v6(ctx: &TcContext) -> Option<Parsed> {
+    let vtc: u8 = ctx.load(ETH_HLEN).ok()?;
+    if vtc >> 4 != 6 {
+        return None;
+    }
+    let mut next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+    let dst: [u32; 4] = ctx.load(ETH_HLEN + 24).ok()?;
+    let mut off = ETH_HLEN + IPV6_HLEN;
+    let mut fragment = false;
+    let mut i = 0;
+    while i < MAX_IPV6_EXT {
+        match next {
+            IPPROTO_TCP => return Some(tcp_at(ctx, off, dst, fragment)),
+            // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
+            0 | 43 | 60 => {
+                let hdr: [u8; 2] = ctx.load(off).ok()?;
+                next = hdr[0];
+                off += (hdr[1] as usize + 1) * 8;
+            }
+            // Authentication header: length in 4-octet units, minus two.
+            51 => {
+                let hdr: [u8; 2] = ctx.load(off).ok()?;
+                next = hdr[0];
+                off += (hdr[1] as usize + 2) * 4;
+            }
+            // Fragment header: 8 octets; a non-first fragment carries no TCP header.
+            44 => {
+                let hdr: [u8; 4] = ctx.load(off).ok()?;
+                next = hdr[0];
+                fragment = true;
+                if u16::from_be_bytes([hdr[2], hdr[3]]) & 0xfff8 != 0 {
+                    if next != IPPROTO_TCP {
+                        return Some(Parsed::Other);
+                    }
+                    return Some(Parsed::Tcp(Tcp {
+                        dst,
+                        dst_port: 0,
+                        flags: 0,
+                        fragment: true,
+                    }));
+                }
+                off += 8;
+            }
+            _ => return Some(Parsed::Other),
+        }
+        i += 1;
+    }
+    if next == IPPROTO_TCP {
+        return Some(tcp_at(ctx, off, dst, fragment));
+    }
+    match next {
+        0 | 43 | 44 | 51 | 60 => Some(Parsed::Opaque),
+        _ => Some(Parsed::Other),
+    }
+}
+
+/// The TCP header at `off`. A header cut short by fragmentation is reported as a fragment
+/// without port or flags.
+#[inline(always)]
+fn tcp_at(ctx: &TcContext, off: usize, dst: [u32; 4], fragment: bool) -> Parsed {
+    let hdr: Option<[u8; 14]> = ctx.load(off).ok();
+    match hdr {
+        Some(h) => Parsed::Tcp(Tcp {
+            dst,
+            dst_port: u16::from_be_bytes([h[2], h[3]]),
+            flags: h[13],
+            fragment,
+        }),
+        None => Parsed::Tcp(Tcp {
+            dst,
+            dst_port: 0,
+            flags: 0,
+            fragment: true,
+        }),
+    }
+}
