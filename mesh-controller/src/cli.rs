@@ -11,13 +11,23 @@ use mesh_api::TrustDomain;
 /// (NodeConfig.Watch) and signs the certificates of the pods on it (Ca.Sign), over TLS
 /// from the mesh's own CA. Log levels come from RUST_LOG (default: info).
 #[derive(Debug, Parser)]
-#[command(name = "mesh-controller", version)]
+#[command(
+    name = "mesh-controller",
+    version,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
     /// Where the cluster state comes from: `file:DIR`, a directory of Kubernetes YAML
-    /// (Namespaces, Pods, Services, EndpointSlices, AuthorizationPolicies) reloaded on change.
-    /// (`kubernetes` is reserved for the API-server watch, not yet supported.)
-    #[arg(long, value_name = "file:DIR", value_parser = parse_source)]
-    pub source: SourceArg,
+    /// (Namespaces, Pods, Services, EndpointSlices, AuthorizationPolicies) reloaded on change,
+    /// with the CA in --ca-dir and node tokens in --tokens-dir; or `kubernetes`, the API
+    /// server (in-cluster config or KUBECONFIG), with the CA in a Secret, nodes proven by
+    /// TokenReview and a Lease electing the replica that writes policy status.
+    #[arg(long, value_name = "file:DIR|kubernetes", value_parser = parse_source, required = true)]
+    pub source: Option<SourceArg>,
 
     /// TCP address to serve gRPC over TLS on, or `none`. 15012 is the port Istio's control
     /// plane uses for the same purpose.
@@ -51,11 +61,66 @@ pub struct Args {
 
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+
+    /// Plain-HTTP health endpoint: `/healthz/live` (the process answers) and
+    /// `/healthz/ready` (the cluster state is loaded, so nodes can be served), or `none`.
+    #[arg(long, value_name = "ADDR|none", default_value = "none", value_parser = parse_listen)]
+    pub health_listen: Listen,
+
+    #[command(flatten)]
+    pub kubernetes: KubernetesArgs,
+}
+
+/// Flags of `--source kubernetes` (ignored otherwise).
+#[derive(Debug, clap::Args)]
+#[command(next_help_heading = "With --source kubernetes")]
+pub struct KubernetesArgs {
+    /// The controller's own namespace (Secret, ConfigMap, Lease and the node agents' pods
+    /// live there). Default: the namespace of the pod's service account, else mesh-system.
+    #[arg(long, env = "POD_NAMESPACE", value_name = "NAMESPACE")]
+    pub namespace: Option<String>,
+
+    /// This replica's name in the leader Lease. Default: the host name.
+    #[arg(long, env = "POD_NAME", value_name = "NAME")]
+    pub pod_name: Option<String>,
+
+    /// Secret (type kubernetes.io/tls) holding the mesh root; created if absent, never
+    /// overwritten.
+    #[arg(long, value_name = "NAME", default_value = "mesh-ca")]
+    pub ca_secret: String,
+
+    /// ConfigMap the root certificate (key `root.pem`) is published in, for node agents.
+    #[arg(long, value_name = "NAME", default_value = "mesh-root-ca")]
+    pub trust_bundle: String,
+
+    /// Lease electing the replica that writes AuthorizationPolicy status.
+    #[arg(long, value_name = "NAME", default_value = "mesh-controller")]
+    pub lease: String,
+
+    /// Service account of the node agents, in the controller's namespace: only its tokens
+    /// prove a node.
+    #[arg(long, value_name = "NAME", default_value = "mesh-node")]
+    pub node_service_account: String,
+
+    /// Audience the node agents' projected tokens are bound to.
+    #[arg(long, value_name = "AUDIENCE", default_value = "mesh-controller")]
+    pub token_audience: String,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Print the CustomResourceDefinitions mesh installs, or write them into a directory
+    /// (one file each, as daemonset/base/crds/ holds them).
+    Crds {
+        #[arg(long, value_name = "DIR")]
+        out_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Clone)]
 pub enum SourceArg {
     File(PathBuf),
+    Kubernetes,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -75,9 +140,9 @@ fn parse_source(value: &str) -> Result<SourceArg, String> {
         return Ok(SourceArg::File(dir.into()));
     }
     if value == "kubernetes" {
-        return Err("the kubernetes source is not yet supported; use file:DIR".into());
+        return Ok(SourceArg::Kubernetes);
     }
-    Err(format!("unknown source {value:?}; use file:DIR"))
+    Err(format!("unknown source {value:?}; use file:DIR or kubernetes"))
 }
 
 fn parse_listen(value: &str) -> Result<Listen, String> {
@@ -102,7 +167,8 @@ mod tests {
     #[test]
     fn defaults_and_values() {
         let args = parse(&["--source", "file:/tmp/c"]).unwrap();
-        assert!(matches!(args.source, SourceArg::File(ref d) if d == &PathBuf::from("/tmp/c")));
+        assert!(matches!(args.source, Some(SourceArg::File(ref d)) if d == &PathBuf::from("/tmp/c")));
+        assert_eq!(args.health_listen.0, None);
         assert_eq!(args.listen.0, Some("0.0.0.0:15012".parse().unwrap()));
         assert_eq!(args.cert_ttl, Duration::from_secs(24 * 3600));
         assert_eq!(args.trust_domain.as_str(), "cluster.local");
@@ -113,9 +179,32 @@ mod tests {
     }
 
     #[test]
+    fn kubernetes_and_crds() {
+        let args = parse(&[
+            "--source",
+            "kubernetes",
+            "--namespace",
+            "ms",
+            "--health-listen",
+            "0.0.0.0:15021",
+        ])
+        .unwrap();
+        assert!(matches!(args.source, Some(SourceArg::Kubernetes)));
+        assert_eq!(args.kubernetes.namespace.as_deref(), Some("ms"));
+        assert_eq!(args.kubernetes.ca_secret, "mesh-ca");
+        assert_eq!(args.kubernetes.trust_bundle, "mesh-root-ca");
+        assert_eq!(args.kubernetes.node_service_account, "mesh-node");
+        assert_eq!(args.kubernetes.token_audience, "mesh-controller");
+        assert_eq!(args.health_listen.0, Some("0.0.0.0:15021".parse().unwrap()));
+
+        let args = parse(&["crds", "--out-dir", "d"]).unwrap();
+        assert!(matches!(args.command, Some(Command::Crds { out_dir: Some(_) })));
+        assert!(args.source.is_none());
+        assert!(parse(&["crds", "--source", "kubernetes"]).is_err());
+    }
+
+    #[test]
     fn refusals() {
-        let err = parse(&["--source", "kubernetes"]).unwrap_err();
-        assert!(err.contains("not yet supported"), "{err}");
         assert!(parse(&["--source", "file:"]).is_err());
         assert!(parse(&["--source", "http://x"]).is_err());
         assert!(parse(&["--source", "file:d", "--trust-domain", "Bad"]).is_err());

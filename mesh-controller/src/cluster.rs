@@ -88,3 +88,30 @@ pub struct SliceEndpoint {
     /// UID of the pod behind the endpoint (`targetRef`), when it is a pod.
     pub pod_uid: Option<String>,
 }
+
+/// A field that keeps an object out of the cluster state, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Invalid {
+    /// Such as `spec.ports[0].port`; empty when the object as a whole is at fault.
+    pub field: String,
+    pub message: String,
+}
+
+impl Invalid {
+    pub fn new(field: impl Into<String>, message: impl Into<String>) -> Self {
+        Invalid {
+            field: field.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Invalid {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}

@@ -8,7 +8,10 @@
 
 pub mod ca;
 pub mod cluster;
+pub mod crd;
 pub mod diff;
+pub mod health;
+pub mod kubeapi;
 pub mod server;
 pub mod session;
 pub mod sources;

@@ -7,14 +7,46 @@ use std::io::Write;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::CaError;
+use super::{CaError, RootPem, RootStore};
 
 pub(super) const CERT_FILE: &str = "root.pem";
 pub(super) const KEY_FILE: &str = "root.key";
 
-pub(super) struct RootFiles {
-    pub cert_pem: String,
-    pub key_pem: String,
+/// The root in a directory (local mode). One controller per directory: files have no
+/// create-if-absent across hosts, which is what the Secret store is for.
+pub struct FilesRoot {
+    dir: PathBuf,
+}
+
+impl FilesRoot {
+    pub fn new(dir: PathBuf) -> Self {
+        FilesRoot { dir }
+    }
+
+    pub(super) fn load_or_store_now(
+        &self,
+        create: &dyn Fn() -> Result<RootPem, CaError>,
+    ) -> Result<(RootPem, bool), CaError> {
+        if let Some(root) = load(&self.dir)? {
+            return Ok((root, false));
+        }
+        let root = create()?;
+        store(&self.dir, &root)?;
+        Ok((root, true))
+    }
+}
+
+impl RootStore for FilesRoot {
+    fn location(&self) -> String {
+        format!("directory {}", self.dir.display())
+    }
+
+    async fn load_or_store(
+        &self,
+        create: &(dyn Fn() -> Result<RootPem, CaError> + Sync),
+    ) -> Result<(RootPem, bool), CaError> {
+        self.load_or_store_now(create)
+    }
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
@@ -25,7 +57,7 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
 }
 
 /// Reads the root, or `None` when the directory holds none yet.
-pub(super) fn load(dir: &Path) -> Result<Option<RootFiles>, CaError> {
+fn load(dir: &Path) -> Result<Option<RootPem>, CaError> {
     let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
     match (cert_path.exists(), key_path.exists()) {
         (false, false) => return Ok(None),
@@ -43,7 +75,7 @@ pub(super) fn load(dir: &Path) -> Result<Option<RootFiles>, CaError> {
             mode: mode & 0o777,
         });
     }
-    Ok(Some(RootFiles {
+    Ok(Some(RootPem {
         cert_pem: fs::read_to_string(&cert_path).map_err(io_error(&cert_path))?,
         key_pem: fs::read_to_string(&key_path).map_err(io_error(&key_path))?,
     }))
@@ -51,7 +83,7 @@ pub(super) fn load(dir: &Path) -> Result<Option<RootFiles>, CaError> {
 
 /// Writes a new root. The certificate is renamed into place last, so a crash in between
 /// leaves a directory that [`load`] reports instead of silently replacing.
-pub(super) fn store(dir: &Path, root: &RootFiles) -> Result<(), CaError> {
+fn store(dir: &Path, root: &RootPem) -> Result<(), CaError> {
     fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)

@@ -1,4 +1,5 @@
-//! The mesh CA: a root created on first start and kept in files, signing X.509-SVIDs.
+//! The mesh CA: a root created on first start and kept in a [`RootStore`] (files in local
+//! mode, a Kubernetes Secret in a cluster), signing X.509-SVIDs.
 //!
 //! The root signs leaves directly (no intermediate yet): the chain handed out is
 //! `[leaf, root]`. Rotation will add an intermediate and a second trusted root side by side;
@@ -8,7 +9,9 @@
 
 pub mod csr;
 mod files;
+mod secret;
 
+use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -22,7 +25,9 @@ use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 
 use self::csr::CsrInfo;
-use self::files::RootFiles;
+pub use self::files::FilesRoot;
+pub use self::secret::{publish_trust_bundle, SecretRoot, TRUST_BUNDLE_KEY};
+use crate::kubeapi::ApiError;
 
 const ROOT_LIFETIME: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// Certificates start this long before they are issued, for nodes whose clocks lag.
@@ -36,14 +41,39 @@ pub enum CaError {
     KeyPermissions { path: PathBuf, mode: u32 },
     #[error("{missing} is missing while the other root file exists; restore it or remove both")]
     Incomplete { missing: PathBuf },
-    #[error("root in {dir}: {reason}")]
-    InvalidRoot { dir: PathBuf, reason: String },
+    #[error("root in {location}: {reason}")]
+    InvalidRoot { location: String, reason: String },
+    #[error("{location} lacks {missing}; restore it or delete the Secret (which creates a new root and invalidates every certificate)")]
+    IncompleteSecret { location: String, missing: &'static str },
+    #[error(transparent)]
+    Api(#[from] ApiError),
     #[error("certificate generation: {0}")]
     Rcgen(#[from] rcgen::Error),
     #[error("lifetime {0:?} is out of range")]
     Lifetime(Duration),
     #[error("the system random generator failed")]
     Random,
+}
+
+/// A root certificate and its PKCS#8 key, PEM.
+#[derive(Clone)]
+pub struct RootPem {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Where the root lives. One root per mesh: a store never replaces a root it holds, and
+/// when two controllers create one at once, both end up with the one that was stored first.
+pub trait RootStore: Send + Sync {
+    /// Such as `directory /var/lib/mesh-controller/ca` or `Secret mesh-system/mesh-ca`.
+    fn location(&self) -> String;
+
+    /// The stored root; if there is none, `create`'s root, stored. Returns the root and
+    /// whether this call created it.
+    fn load_or_store(
+        &self,
+        create: &(dyn Fn() -> Result<RootPem, CaError> + Sync),
+    ) -> impl Future<Output = Result<(RootPem, bool), CaError>> + Send;
 }
 
 pub struct Ca {
@@ -55,17 +85,28 @@ pub struct Ca {
 impl Ca {
     /// Loads the root from `dir`, creating it on first start.
     pub fn load_or_create(dir: &Path, leaf_lifetime: Duration) -> Result<Ca, CaError> {
-        let root = match files::load(dir)? {
-            Some(root) => root,
-            None => {
-                let root = new_root()?;
-                files::store(dir, &root)?;
-                tracing::info!(dir = %dir.display(), "created a new mesh root");
-                root
-            }
-        };
+        let store = FilesRoot::new(dir.to_owned());
+        let (root, created) = store.load_or_store_now(&new_root)?;
+        if created {
+            tracing::info!(dir = %dir.display(), "created a new mesh root");
+        }
+        Ca::from_root(root, &store.location(), leaf_lifetime)
+    }
+
+    /// Loads the root from `store`, creating it there if it holds none.
+    pub async fn from_store(store: &impl RootStore, leaf_lifetime: Duration) -> Result<Ca, CaError> {
+        let (root, created) = store.load_or_store(&new_root).await?;
+        if created {
+            tracing::info!(location = %store.location(), "created a new mesh root");
+        } else {
+            tracing::info!(location = %store.location(), "loaded the mesh root");
+        }
+        Ca::from_root(root, &store.location(), leaf_lifetime)
+    }
+
+    fn from_root(root: RootPem, location: &str, leaf_lifetime: Duration) -> Result<Ca, CaError> {
         let invalid = |reason: &dyn std::fmt::Display| CaError::InvalidRoot {
-            dir: dir.to_owned(),
+            location: location.to_owned(),
             reason: reason.to_string(),
         };
         let key = KeyPair::from_pem(&root.key_pem).map_err(|e| invalid(&e))?;
@@ -140,7 +181,7 @@ fn leaf_params(lifetime: Duration) -> Result<CertificateParams, CaError> {
     Ok(params)
 }
 
-fn new_root() -> Result<RootFiles, CaError> {
+fn new_root() -> Result<RootPem, CaError> {
     let key = KeyPair::generate()?;
     let mut params = CertificateParams::default();
     params.distinguished_name = DistinguishedName::new();
@@ -156,7 +197,7 @@ fn new_root() -> Result<RootFiles, CaError> {
     params.serial_number = Some(random_serial()?);
     (params.not_before, params.not_after) = validity(ROOT_LIFETIME)?;
     let cert = params.self_signed(&key)?;
-    Ok(RootFiles {
+    Ok(RootPem {
         cert_pem: cert.pem(),
         key_pem: key.serialize_pem(),
     })

@@ -1,6 +1,7 @@
 //! Which node is calling. Local mode: one token file per node (`<dir>/<node-name>` holds the
 //! token), the request carrying `authorization: Bearer <token>` and `x-mesh-node: <name>`.
-//! The trait is the seam where a Kubernetes TokenReview implementation will slot in.
+//! In a cluster, [`super::token_review::TokenReviewAuth`] proves nodes with TokenReview
+//! instead; both sit behind [`NodeAuthenticator`].
 
 use std::future::Future;
 use std::path::PathBuf;
@@ -44,6 +45,8 @@ pub enum AuthError {
     UnknownNode(String),
     #[error("wrong token for node {0}")]
     WrongToken(String),
+    #[error("token refused: {0}")]
+    Rejected(String),
     #[error("cannot check credentials: {0}")]
     Unavailable(String),
 }

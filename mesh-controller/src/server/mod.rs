@@ -4,6 +4,7 @@
 pub mod auth;
 mod ca_service;
 pub mod tls;
+pub mod token_review;
 mod watch;
 
 use std::future::Future;

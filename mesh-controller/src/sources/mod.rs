@@ -4,6 +4,8 @@
 //! [`ClusterState`]: crate::cluster::ClusterState
 
 pub mod file;
+pub mod kubernetes;
+pub mod objects;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -6,9 +6,7 @@
 //! are symlinks into them). Changes are seen through inotify (polling when inotify is not
 //! available) and loaded once they have been quiet for [`DEBOUNCE`].
 
-mod objects;
 mod parse;
-mod policy;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

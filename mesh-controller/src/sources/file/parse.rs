@@ -8,9 +8,8 @@ use mesh_api::NamespacedName;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
 
-use super::objects::*;
-use super::policy::AuthorizationPolicyDoc;
 use crate::cluster::ClusterState;
+use crate::sources::objects::*;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {

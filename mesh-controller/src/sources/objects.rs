@@ -1,28 +1,22 @@
-//! The Kubernetes objects the file source reads, with only the fields the mesh uses (serde
-//! ignores the rest), and their conversion to the cluster model. Every refusal names the
-//! field at fault.
+//! The Kubernetes objects the sources read, with only the fields the mesh uses (serde
+//! ignores the rest), and their conversion to the cluster model. Both sources go through
+//! these: the file source from YAML, the Kubernetes source from the API's JSON, so an object
+//! means the same wherever it comes from. Every refusal names the field at fault.
 
 use std::net::IpAddr;
 
+use mesh_api::Policy;
 use mesh_api::{Identity, Labels, Protocol, TrustDomain};
 use serde::Deserialize;
 
+pub use crate::cluster::Invalid;
 use crate::cluster::{
     EndpointPort, EndpointSlice, Namespace, Pod, Service, ServicePort, SliceEndpoint, TargetPort,
 };
+use crate::crd::{self, AuthorizationPolicySpec};
 
-/// A field that keeps an object out, and why.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Invalid {
-    pub field: String,
-    pub message: String,
-}
-
-pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
-    Invalid {
-        field: field.into(),
-        message: message.into(),
-    }
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid::new(field, message)
 }
 
 #[derive(Deserialize)]
@@ -41,7 +35,7 @@ impl Metadata {
     }
 
     /// Names become SPIFFE path segments and map keys: they must be non-empty and plain.
-    pub(super) fn check(&self, namespaced: bool) -> Result<(), Invalid> {
+    pub(crate) fn check(&self, namespaced: bool) -> Result<(), Invalid> {
         check_segment("metadata.name", &self.name)?;
         if namespaced {
             check_segment("metadata.namespace", self.namespace())?;
@@ -68,7 +62,7 @@ fn protocol(field: &str, value: Option<&str>) -> Result<Protocol, Invalid> {
     }
 }
 
-pub(super) fn port(field: &str, value: u16) -> Result<u16, Invalid> {
+fn port(field: &str, value: u16) -> Result<u16, Invalid> {
     if value == 0 {
         return Err(invalid(field, "port 0"));
     }
@@ -189,7 +183,7 @@ struct ServicePortDoc {
 
 #[derive(Deserialize)]
 #[serde(untagged)]
-pub(super) enum IntOrString {
+enum IntOrString {
     Int(u16),
     String(String),
 }
@@ -327,5 +321,20 @@ impl EndpointSliceDoc {
             ports: slice_ports,
             endpoints,
         })
+    }
+}
+
+/// `mesh.dev/v1alpha1` AuthorizationPolicy: the spec is the CRD's own type.
+#[derive(Deserialize)]
+pub struct AuthorizationPolicyDoc {
+    metadata: Metadata,
+    #[serde(default)]
+    spec: AuthorizationPolicySpec,
+}
+
+impl AuthorizationPolicyDoc {
+    pub fn into_policy(self) -> Result<Policy, Invalid> {
+        self.metadata.check(true)?;
+        crd::to_policy(self.metadata.namespace(), &self.metadata.name, &self.spec)
     }
 }
