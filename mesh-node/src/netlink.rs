@@ -18,6 +18,9 @@
 //! idempotent; [`remove_capture_routing`] removes all of ours and needs no configuration, so
 //! `mesh-node uninstall` finds them whatever flags the agent ran with.
 //!
+//! [`host_interface_of`] finds a local pod's host-side veth by its address, for
+//! `Datapath::set_strict`.
+//!
 //! Synchronous, over a plain `NETLINK_ROUTE` socket (netlink-sys) with messages built and
 //! parsed by netlink-packet-route: a handful of requests at start-up and on uninstall. The
 //! socket lives in the calling thread's network namespace.
@@ -30,7 +33,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
-    route::{RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
+    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
+    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
     AddressFamily, RouteNetlinkMessage,
 };
@@ -321,6 +325,95 @@ pub fn interface_with_address(ip: IpAddr) -> Result<Option<String>, NetlinkError
         }
     }
     Ok(None)
+}
+
+/// The node-side interface a local pod's address is reached through: its host-side veth, the
+/// interface `set_strict` wants. With a routed CNI (Calico, Cilium, kindnet: a route per pod
+/// via its veth) that is the route's device. When the route goes to a bridge (bridge CNIs, the
+/// test harness), the veth is the bridge port that learned the pod's MAC (neighbour table →
+/// MAC, bridge FDB → port); `Ok(None)` while the node has no neighbour entry for the pod yet
+/// (it appears once the node or another pod has talked to it): retry later.
+pub fn host_interface_of(pod_ip: IpAddr) -> Result<Option<String>, NetlinkError> {
+    let mut nl = Netlink::open()?;
+    let action = || format!("looking up the route to {pod_ip}");
+    let mut query = RouteMessage::default();
+    let (family, len, dst) = match pod_ip {
+        IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
+        IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
+    };
+    query.header.address_family = family;
+    query.header.destination_prefix_length = len;
+    query.attributes = vec![RouteAttribute::Destination(dst)];
+    let replies = nl.request(RouteNetlinkMessage::GetRoute(query), NLM_F_ACK, &action)?;
+    let oif = replies
+        .iter()
+        .find_map(|m| match m {
+            RouteNetlinkMessage::NewRoute(r) => r.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(*i),
+                _ => None,
+            }),
+            _ => None,
+        })
+        .ok_or_else(|| NetlinkError::Decode {
+            action: action(),
+            err: "the route names no output interface".into(),
+        })?;
+
+    // Bridge FDB entries (AF_BRIDGE neighbours) of ports whose master is `oif`.
+    let mut fdb_query = NeighbourMessage::default();
+    fdb_query.header.family = AddressFamily::Bridge;
+    let fdb: Vec<(u32, Vec<u8>)> = nl
+        .dump(RouteNetlinkMessage::GetNeighbour(fdb_query), || {
+            "listing the bridge forwarding database".to_string()
+        })?
+        .into_iter()
+        .filter_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) => {
+                let master = n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::Controller(c) => Some(*c),
+                    _ => None,
+                });
+                let mac = n.attributes.iter().find_map(|a| match a {
+                    NeighbourAttribute::LinkLayerAddress(m) => Some(m.clone()),
+                    _ => None,
+                });
+                (master == Some(oif) && n.header.ifindex != oif).then_some((n.header.ifindex, mac?))
+            }
+            _ => None,
+        })
+        .collect();
+    if fdb.is_empty() {
+        // Not a bridge (or a bridge without ports): the route's device is the pod's interface.
+        return Ok(ifname(oif));
+    }
+    let mut neigh_query = NeighbourMessage::default();
+    neigh_query.header.family = family;
+    let mac = nl
+        .dump(RouteNetlinkMessage::GetNeighbour(neigh_query), || {
+            "listing neighbours".to_string()
+        })?
+        .into_iter()
+        .find_map(|m| match m {
+            RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == oif => {
+                let is_pod = n.attributes.iter().any(|a| match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => IpAddr::from(*a) == pod_ip,
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => IpAddr::from(*a) == pod_ip,
+                    _ => false,
+                });
+                is_pod.then(|| {
+                    n.attributes.iter().find_map(|a| match a {
+                        NeighbourAttribute::LinkLayerAddress(m) => Some(m.clone()),
+                        _ => None,
+                    })
+                })?
+            }
+            _ => None,
+        });
+    let Some(mac) = mac else { return Ok(None) };
+    Ok(fdb
+        .into_iter()
+        .find(|(_, m)| *m == mac)
+        .and_then(|(port, _)| ifname(port)))
 }
 
 fn uplink_of(node_ips: &[IpAddr]) -> Result<String, NetlinkError> {

@@ -579,6 +579,19 @@ fn strict_drops_plain_syns_and_admits_the_proxy() {
         })
         .unwrap();
     }
+    // The node found the STRICT pod's veth by its addresses (the node has talked to it, so it
+    // has neighbour entries); a remote pod's address resolves to the uplink.
+    for ip in [IpAddr::from(a1.ipv4), IpAddr::from(a1.ipv6)] {
+        let found = in_netns(&na.netns, || netlink::host_interface_of(ip)).unwrap();
+        assert_eq!(
+            found.as_deref(),
+            Some(a1.host_veth.as_str()),
+            "host interface of {ip}"
+        );
+    }
+    let found = in_netns(&na.netns, || netlink::host_interface_of(b1.ipv4.into())).unwrap();
+    assert_eq!(found.as_deref(), Some(na.uplink.as_str()));
+
     // Another mark bit is not the proxy's.
     let err = exchange(
         &na.netns,

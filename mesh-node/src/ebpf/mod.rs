@@ -537,7 +537,8 @@ impl Datapath {
         Ok(diff)
     }
 
-    /// The TCX link pins of the active set, with what the kernel says about each.
+    /// The TCX link pins of the active set, with what the kernel says about each (interface
+    /// names as seen from the calling thread's network namespace).
     pub fn tc_links(&self) -> Result<Vec<TcLink>, EbpfError> {
         Ok(pins::tc_pins(&self.dir)?
             .into_iter()
