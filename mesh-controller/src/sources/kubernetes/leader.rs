@@ -91,12 +91,15 @@ pub async fn run(client: Client, config: LeaseConfig, leading: watch::Sender<boo
     let mut observed: Option<(Record, Instant)> = None;
     let mut last_renewed: Option<Instant> = None;
     loop {
-        let outcome = attempt(&api, &config, &mut observed).await;
+        // Bounded, so a hanging API call cannot keep a stale leader leading past its deadline.
+        let outcome =
+            tokio::time::timeout(config.renew_deadline, attempt(&api, &config, &mut observed)).await;
         let now = Instant::now();
         match outcome {
-            Ok(true) => last_renewed = Some(now),
-            Ok(false) => last_renewed = None,
-            Err(e) => {
+            Ok(Ok(true)) => last_renewed = Some(now),
+            Ok(Ok(false)) => last_renewed = None,
+            Err(_) => tracing::warn!(resource = %resource, "the lease update timed out"),
+            Ok(Err(e)) => {
                 if e.is_forbidden() {
                     tracing::error!(verb = e.verb, resource = %resource, "{e}");
                 } else {

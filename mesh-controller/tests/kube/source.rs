@@ -1,0 +1,356 @@
+//! The Kubernetes source on the fake API server.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_api::{NamespacedName, TrustDomain};
+use mesh_controller::sources::kubernetes::{KubernetesSource, Options, Retry};
+use mesh_controller::sources::Source;
+use mesh_controller::store::Store;
+use mesh_controller::translate;
+use serde_json::json;
+use tokio::sync::watch;
+
+use crate::fake::{FakeApi, Verb};
+use crate::*;
+
+struct Running {
+    store: Arc<Store>,
+    leading: watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn start(fake: &FakeApi, replica: &str, leading: bool) -> Running {
+    let store = Arc::new(Store::new(format!("epoch-{replica}")));
+    let (tx, rx) = watch::channel(leading);
+    let options = Options {
+        batch: Duration::from_millis(20),
+        retry: Retry {
+            min: Duration::from_millis(20),
+            max: Duration::from_millis(200),
+        },
+    };
+    let source = KubernetesSource::new(fake.client(replica), rx, options);
+    let run_store = store.clone();
+    let task = tokio::spawn(async move {
+        let _ = source.run(run_store).await;
+    });
+    Running {
+        store,
+        leading: tx,
+        task,
+    }
+}
+
+fn seed(fake: &FakeApi) {
+    fake.apply("namespaces", namespace("shop", true));
+    fake.apply("pods", pod("shop", "web-1", "node-a", "10.0.0.5"));
+    fake.apply("services", service("shop", "web", "10.96.0.20"));
+    fake.apply(
+        "endpointslices",
+        endpoint_slice("shop", "web", "10.0.0.5", "uid-web-1"),
+    );
+    fake.apply(
+        "authorizationpolicies",
+        policy(
+            "shop",
+            "web-from-cart",
+            json!({
+                "selector": { "matchLabels": { "app": "web" } },
+                "rules": [{ "from": [{ "source": { "principals": ["cluster.local/ns/shop/sa/cart"] } }],
+                            "to": [{ "operation": { "ports": ["8080"] } }] }],
+            }),
+        ),
+    );
+}
+
+fn pods(store: &Store) -> Vec<String> {
+    store
+        .latest()
+        .map(|g| g.state.pods.values().map(|p| p.name.clone()).collect())
+        .unwrap_or_default()
+}
+
+fn lists(fake: &FakeApi, path: &str) -> usize {
+    fake.calls()
+        .iter()
+        .filter(|c| c.path == path && !c.is_watch() && c.method == http::Method::GET)
+        .count()
+}
+
+#[tokio::test]
+async fn lists_then_watches_then_relists_after_410() {
+    let fake = FakeApi::new();
+    seed(&fake);
+    let run = start(&fake, "a", false);
+    let store = run.store.clone();
+
+    // The initial list of every kind, published once all are in.
+    eventually(WAIT, "the first state", || async { store.latest().is_some() }).await;
+    let state = store.latest().unwrap().state;
+    assert_eq!(pods(&store), ["web-1"]);
+    assert!(state.namespaces.contains_key("shop"));
+    assert!(state.services.contains_key(&NamespacedName::new("shop", "web")));
+    assert_eq!(state.endpoint_slices.len(), 1);
+    assert!(state
+        .policies
+        .contains_key(&NamespacedName::new("shop", "web-from-cart")));
+    // The same translate as the file source: node-a gets its pod, the service and the policy.
+    let view = translate::node_view(&state, "node-a", &TrustDomain::default());
+    assert_eq!(view.workloads.len(), 1);
+    assert_eq!(view.policies.len(), 1);
+    assert_eq!(
+        view.services[&NamespacedName::new("shop", "web")].endpoints.len(),
+        1
+    );
+
+    // Watch events.
+    eventually(WAIT, "a pod watch", || async { fake.open_watches("pods") == 1 }).await;
+    fake.apply("pods", pod("shop", "web-2", "node-b", "10.0.0.6"));
+    eventually(WAIT, "web-2 added", || async {
+        pods(&store) == ["web-1", "web-2"]
+    })
+    .await;
+    fake.delete("pods", "shop", "web-1");
+    eventually(WAIT, "web-1 deleted", || async { pods(&store) == ["web-2"] }).await;
+
+    // The watch breaks with 410 Gone (the server compacted past it) while changes happened
+    // that no watch saw: the relist must find them, deletions included.
+    assert_eq!(lists(&fake, "/api/v1/pods"), 1);
+    fake.delete_quietly("pods", "shop", "web-2");
+    fake.apply_quietly("pods", pod("shop", "web-3", "node-a", "10.0.0.7"));
+    fake.compact();
+    fake.expire_watches("pods");
+    eventually(WAIT, "the relist after 410", || async {
+        pods(&store) == ["web-3"]
+    })
+    .await;
+    assert_eq!(lists(&fake, "/api/v1/pods"), 2, "one relist");
+
+    // A watch that ends and cannot resume (HTTP 410 on the watch request itself): the
+    // source starts a new watcher, which relists.
+    eventually(WAIT, "a pod watch", || async { fake.open_watches("pods") == 1 }).await;
+    fake.apply_quietly("pods", pod("shop", "web-4", "node-a", "10.0.0.8"));
+    fake.compact();
+    fake.refuse_next_watch("pods", 410);
+    fake.end_watches("pods");
+    eventually(WAIT, "the relist after HTTP 410", || async {
+        pods(&store) == ["web-3", "web-4"]
+    })
+    .await;
+    assert_eq!(lists(&fake, "/api/v1/pods"), 3);
+
+    // A watch that ends normally resumes from its resource version and replays what it
+    // missed, without a relist.
+    eventually(WAIT, "a pod watch", || async { fake.open_watches("pods") == 1 }).await;
+    fake.end_watches("pods");
+    fake.apply_quietly("pods", pod("shop", "web-5", "node-a", "10.0.0.9"));
+    eventually(WAIT, "the resumed watch", || async { pods(&store).len() == 3 }).await;
+    assert_eq!(lists(&fake, "/api/v1/pods"), 3, "resumed, not relisted");
+}
+
+#[tokio::test]
+async fn nothing_is_published_before_every_kind_is_listed() {
+    let fake = FakeApi::new();
+    seed(&fake);
+    fake.forbid(Verb::List, "authorizationpolicies");
+    let run = start(&fake, "a", false);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        run.store.latest().is_none(),
+        "a state without policies would drop them on the nodes"
+    );
+    fake.allow_all();
+    eventually(WAIT, "the first state", || async { run.store.latest().is_some() }).await;
+    assert_eq!(run.store.latest().unwrap().state.policies.len(), 1);
+}
+
+/// Collects log output for assertions.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn keeps_the_last_state_when_rbac_refuses_and_says_what_was_refused() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let fake = FakeApi::new();
+    seed(&fake);
+    let run = start(&fake, "a", false);
+    let store = run.store.clone();
+    eventually(WAIT, "the first state", || async { store.latest().is_some() }).await;
+    eventually(WAIT, "a pod watch", || async { fake.open_watches("pods") == 1 }).await;
+    let version = store.latest().unwrap().number;
+
+    // RBAC loses list and watch on pods; the watch breaks and a pod goes away unseen.
+    fake.forbid(Verb::List, "pods");
+    fake.forbid(Verb::Watch, "pods");
+    fake.delete_quietly("pods", "shop", "web-1");
+    fake.compact();
+    fake.expire_watches("pods");
+    eventually(WAIT, "the refusal logged", || async {
+        logs.text().contains("forbidden by RBAC") && logs.text().contains("resource=\"pods\"")
+    })
+    .await;
+    let text = logs.text();
+    assert!(text.contains("verb=\"list\""), "{text}");
+    assert_eq!(store.latest().unwrap().number, version, "the last state stays");
+    assert_eq!(pods(&store), ["web-1"]);
+
+    // RBAC is fixed: the source catches up.
+    fake.allow_all();
+    eventually(WAIT, "caught up", || async { pods(&store).is_empty() }).await;
+}
+
+#[tokio::test]
+async fn a_slow_api_server_loses_no_event() {
+    let fake = FakeApi::new();
+    seed(&fake);
+    let run = start(&fake, "a", false);
+    let store = run.store.clone();
+    eventually(WAIT, "the first state", || async { store.latest().is_some() }).await;
+    eventually(WAIT, "a pod watch", || async { fake.open_watches("pods") == 1 }).await;
+    fake.set_delay(Duration::from_millis(100));
+    for i in 0..30 {
+        fake.apply(
+            "pods",
+            pod("shop", &format!("burst-{i:02}"), "node-a", &format!("10.1.0.{i}")),
+        );
+        if i % 3 == 0 {
+            fake.delete("pods", "shop", &format!("burst-{i:02}"));
+        }
+    }
+    // The watch breaks in the middle of it all, and the relist is slow too.
+    fake.end_watches("pods");
+    fake.apply("pods", pod("shop", "late", "node-a", "10.2.0.1"));
+    eventually(WAIT, "every change", || async {
+        pods(&store).len() == 1 + 20 + 1
+    })
+    .await;
+    let names = pods(&store);
+    assert!(names.contains(&"late".to_owned()) && !names.contains(&"burst-00".to_owned()));
+}
+
+fn accepted(fake: &FakeApi, name: &str) -> Option<(String, String, String, i64)> {
+    let object = fake.get("authorizationpolicies", "shop", name)?;
+    let conditions = object["status"]["conditions"].as_array()?;
+    let c = conditions.iter().find(|c| c["type"] == "Accepted")?;
+    Some((
+        c["status"].as_str()?.to_owned(),
+        c["reason"].as_str()?.to_owned(),
+        c["message"].as_str()?.to_owned(),
+        object["status"]["observedGeneration"].as_i64()?,
+    ))
+}
+
+fn status_writers(fake: &FakeApi) -> Vec<String> {
+    fake.calls()
+        .iter()
+        .filter(|c| c.method == http::Method::PATCH && c.path.ends_with("/status"))
+        .map(|c| c.client.clone())
+        .collect()
+}
+
+#[tokio::test]
+async fn only_the_leader_writes_status_and_bad_policies_are_refused_whole() {
+    let fake = FakeApi::new();
+    seed(&fake);
+    // Admitted by the schema (map keys are beyond it), refused by the controller.
+    fake.apply(
+        "authorizationpolicies",
+        policy(
+            "shop",
+            "bad-key",
+            json!({
+                "selector": { "matchLabels": { "-app": "web" } },
+                "rules": [{ "from": [{ "source": { "namespaces": ["ops"] } }] }],
+            }),
+        ),
+    );
+    let a = start(&fake, "a", true);
+    let b = start(&fake, "b", false);
+    eventually(WAIT, "status on both policies", || async {
+        accepted(&fake, "web-from-cart").is_some() && accepted(&fake, "bad-key").is_some()
+    })
+    .await;
+    let (status, reason, _, generation) = accepted(&fake, "web-from-cart").unwrap();
+    assert_eq!(
+        (status.as_str(), reason.as_str(), generation),
+        ("True", "Accepted", 1)
+    );
+    let (status, reason, message, _) = accepted(&fake, "bad-key").unwrap();
+    assert_eq!((status.as_str(), reason.as_str()), ("False", "Invalid"));
+    assert!(message.contains("spec.selector.matchLabels.-app"), "{message}");
+    for store in [&a.store, &b.store] {
+        let state = store.latest().unwrap().state;
+        assert!(state
+            .policies
+            .contains_key(&NamespacedName::new("shop", "web-from-cart")));
+        assert!(
+            !state
+                .policies
+                .contains_key(&NamespacedName::new("shop", "bad-key")),
+            "not applied at all"
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let writers = status_writers(&fake);
+    assert_eq!(writers, ["a", "a"], "one write per policy, by the leader");
+
+    // Leadership moves to b; a new generation gets its status from b.
+    a.leading.send_replace(false);
+    b.leading.send_replace(true);
+    let mut changed = fake
+        .get("authorizationpolicies", "shop", "web-from-cart")
+        .unwrap();
+    changed["spec"]["action"] = json!("DENY");
+    fake.apply("authorizationpolicies", changed);
+    eventually(WAIT, "status of generation 2", || async {
+        accepted(&fake, "web-from-cart").is_some_and(|a| a.3 == 2)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(status_writers(&fake), ["a", "a", "b"]);
+
+    // The bad policy gets fixed: accepted and applied.
+    let mut fixed = fake.get("authorizationpolicies", "shop", "bad-key").unwrap();
+    fixed["spec"]["selector"]["matchLabels"] = json!({ "app": "web" });
+    fake.apply("authorizationpolicies", fixed);
+    eventually(WAIT, "the fixed policy accepted and applied", || async {
+        accepted(&fake, "bad-key").is_some_and(|a| a.0 == "True")
+            && b.store.latest().is_some_and(|g| {
+                g.state
+                    .policies
+                    .contains_key(&NamespacedName::new("shop", "bad-key"))
+            })
+    })
+    .await;
+}
