@@ -17,7 +17,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use crate::control::NodeState;
-use crate::workloads::LocalWorkload;
+use crate::enrollment::LocalWorkload;
 
 /// How deep below the root a pod directory may be (`kubelet/kubepods/burstable/pod…` is 4).
 pub const MAX_DEPTH: usize = 6;

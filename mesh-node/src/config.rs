@@ -8,8 +8,12 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use thiserror::Error;
 
+use mesh_api::client::Target;
+
+use crate::control::{self, ControllerEndpoint};
 use crate::ebpf::{DatapathConfig, Marks};
 use crate::netlink::{CaptureConfig, DEFAULT_CAPTURE_TABLE, DEFAULT_RULE_PRIORITY};
+use crate::{admin, health};
 
 /// The ports of DESIGN.md §5 that the agent owns.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -30,7 +34,7 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Detach every capture program and remove the pinned state, then exit.
+    /// Detach every capture program, remove the pinned state and the capture routing, then exit.
     Uninstall {
         /// bpffs directory holding the agent's pins.
         #[arg(long, env = "MESH_BPFFS_DIR", default_value = "/sys/fs/bpf/mesh")]
@@ -75,9 +79,27 @@ pub struct RunArgs {
     #[arg(long = "exclude-cidr", env = "MESH_EXCLUDE_CIDRS", value_delimiter = ',')]
     pub exclude_cidrs: Vec<IpNet>,
 
-    /// JSON file listing this node's enrolled workloads; re-read when it changes.
-    #[arg(long, env = "MESH_WORKLOADS_FILE")]
-    pub workloads_file: Option<PathBuf>,
+    /// The controller: `host:port` or `unix:/path`. It streams this node's config (which pods
+    /// are enrolled, services, policies) and signs the pods' certificates.
+    #[arg(long, env = "MESH_CONTROLLER", value_parser = control::parse_target)]
+    pub controller: Option<Target>,
+
+    /// The mesh root certificate (PEM) that the controller's certificate must chain to.
+    #[arg(long, env = "MESH_CONTROLLER_CA")]
+    pub controller_ca: Option<PathBuf>,
+
+    /// File holding this node's bearer token for the controller; re-read on every reconnect,
+    /// so a rotated (e.g. projected ServiceAccount) token is picked up.
+    #[arg(long, env = "MESH_CONTROLLER_TOKEN_FILE")]
+    pub controller_token_file: Option<PathBuf>,
+
+    /// Address of the readiness endpoint (`GET /healthz/ready`).
+    #[arg(long, env = "MESH_HEALTH_ADDR", default_value_t = health::DEFAULT_ADDR)]
+    pub health_addr: SocketAddr,
+
+    /// Address of the admin (inspection) API; keep it on loopback.
+    #[arg(long, env = "MESH_ADMIN_ADDR", default_value = admin::DEFAULT_ADDR)]
+    pub admin_addr: SocketAddr,
 
     /// How often the kernel's enrollment state is reconciled against the desired state.
     #[arg(long, env = "MESH_RECONCILE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -144,7 +166,9 @@ pub struct Config {
     pub node_name: String,
     pub datapath: DatapathConfig,
     pub outbound_listeners: Vec<SocketAddr>,
-    pub workloads_file: Option<PathBuf>,
+    pub controller: ControllerEndpoint,
+    pub health_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
     pub reconcile_interval: Duration,
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
@@ -154,6 +178,8 @@ pub struct Config {
 
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum ConfigError {
+    #[error("{0}: required")]
+    Missing(&'static str),
     #[error("--node-ip: give at most one IPv4 and one IPv6 address, got {0:?}")]
     TooManyNodeIps(Vec<IpAddr>),
     #[error("--node-ip: {0} cannot be a redirect target (loopback, unspecified or multicast)")]
@@ -203,8 +229,16 @@ impl RunArgs {
         .into_iter()
         .flatten()
         .collect();
+        let node_name = self.node_name.unwrap_or(host_name);
+        // Optional for clap only, so that `mesh-node uninstall` needs none of them.
+        let controller = self.controller.ok_or(ConfigError::Missing("--controller"))?;
+        let controller_ca = self
+            .controller_ca
+            .ok_or(ConfigError::Missing("--controller-ca"))?;
+        let controller_token_file = self
+            .controller_token_file
+            .ok_or(ConfigError::Missing("--controller-token-file"))?;
         Ok(Config {
-            node_name: self.node_name.unwrap_or(host_name),
             datapath: DatapathConfig {
                 pin_dir: self.bpffs_dir,
                 pods_cgroup: self.pods_cgroup.unwrap_or(default_pods_cgroup),
@@ -216,7 +250,15 @@ impl RunArgs {
                 exclude_cidrs: self.exclude_cidrs,
             },
             outbound_listeners,
-            workloads_file: self.workloads_file,
+            controller: ControllerEndpoint::new(
+                controller,
+                controller_ca,
+                controller_token_file,
+                node_name.clone(),
+            ),
+            node_name,
+            health_addr: self.health_addr,
+            admin_addr: self.admin_addr,
             reconcile_interval: self.reconcile_interval,
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,
@@ -253,7 +295,10 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Config, String> {
-        let cli = Cli::try_parse_from(["mesh-node"].iter().chain(args)).map_err(|e| e.to_string())?;
+        let required = ["--controller", "10.0.0.254:15012", "--controller-ca", "/ca.pem"];
+        let required = required.iter().chain(&["--controller-token-file", "/token"]);
+        let cli = Cli::try_parse_from(["mesh-node"].iter().chain(required).chain(args))
+            .map_err(|e| e.to_string())?;
         cli.run
             .into_config("/cg".into(), "/cg/agent".into(), "host".into())
             .map_err(|e| e.to_string())
@@ -352,6 +397,27 @@ mod tests {
             let err = parse(&all).unwrap_err();
             assert!(err.contains(want), "{args:?}: {err}");
         }
+    }
+
+    #[test]
+    fn controller_flags_are_required() {
+        let cli = Cli::try_parse_from([
+            "mesh-node",
+            "--node-ip",
+            "10.0.0.1",
+            "--controller",
+            "unix:/c.sock",
+        ]);
+        let err = cli
+            .unwrap()
+            .run
+            .into_config("/cg".into(), "/cg/a".into(), "h".into())
+            .unwrap_err();
+        assert_eq!(err.to_string(), "--controller-ca: required");
+        assert!(
+            Cli::try_parse_from(["mesh-node", "uninstall"]).is_ok(),
+            "uninstall needs no controller"
+        );
     }
 
     #[test]

@@ -1,15 +1,28 @@
-//! Keeps the kernel's enrolled-cgroups map equal to the desired state: on start, whenever the
-//! workloads change, and periodically, so that drift (a vanished cgroup, a map edited by hand,
-//! a restart) is repaired without anyone asking.
+//! Keeps the kernel's enrolled-cgroups map equal to the desired state — this node's enrolled
+//! pods as the controller describes them, found by pod UID under the pods cgroup root — on
+//! start, whenever the config changes, and periodically, so that drift (a vanished cgroup, a
+//! pod whose cgroup appears after its config, a map edited by hand) is repaired unasked.
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::cgroups;
+use crate::control::NodeState;
 use crate::ebpf::{self, Datapath};
-use crate::workloads::{FileSource, LocalWorkload};
+
+/// An enrolled pod of this node and its cgroup directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalWorkload {
+    pub namespace: String,
+    pub name: String,
+    /// The pod's cgroup v2 directory; processes in it or below it are captured.
+    pub cgroup: PathBuf,
+}
 
 /// What the kernel should hold, and the workloads that cannot be enrolled right now.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -40,38 +53,42 @@ pub fn desired<E: std::fmt::Display>(
 
 pub async fn run(
     mut datapath: Datapath,
-    mut source: Option<FileSource>,
+    mut state: watch::Receiver<Arc<NodeState>>,
+    pods_root: PathBuf,
     interval: Duration,
     stop: CancellationToken,
 ) {
-    let mut workloads = Vec::new();
-    let mut last_source_error = None;
-    let mut last_unresolved = BTreeMap::new();
+    // Problems are logged when they change, not on every round.
+    let mut last_problems = BTreeMap::new();
     loop {
-        if let Some(src) = source.as_mut() {
-            match src.poll() {
-                Ok(Some(w)) => {
-                    info!(workloads = w.len(), "workloads file loaded");
-                    workloads = w;
-                    last_source_error = None;
+        let resolved = {
+            let state = state.borrow_and_update();
+            cgroups::resolve_enrolled(&state, &pods_root)
+        };
+        let mut problems = BTreeMap::new();
+        let workloads = match resolved {
+            Ok(r) => {
+                for pod in r.missing {
+                    problems.insert(pod, "no cgroup directory (yet)".to_owned());
                 }
-                Ok(None) => {}
-                Err(e) => {
-                    let msg = e.to_string();
-                    if last_source_error.as_ref() != Some(&msg) {
-                        warn!(error = %msg, "workloads file rejected; keeping the last good set");
-                    }
-                    last_source_error = Some(msg);
-                }
+                r.workloads
             }
-        }
+            Err(e) => {
+                problems.insert(
+                    pods_root.display().to_string(),
+                    format!("scanning the pods cgroup: {e}"),
+                );
+                Vec::new()
+            }
+        };
         let want = desired(&workloads, ebpf::cgroup_id);
-        for (workload, reason) in &want.unresolved {
-            if last_unresolved.get(workload) != Some(reason) {
-                warn!(%workload, %reason, "cgroup not found; workload not enrolled");
+        problems.extend(want.unresolved);
+        for (workload, reason) in &problems {
+            if last_problems.get(workload) != Some(reason) {
+                warn!(%workload, %reason, "enrolled pod not captured yet");
             }
         }
-        last_unresolved = want.unresolved;
+        last_problems = problems;
         let ids: BTreeSet<u64> = want.cgroups.keys().copied().collect();
         match datapath.set_enrolled(&ids) {
             Ok(diff) => {
@@ -91,6 +108,13 @@ pub async fn run(
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(interval) => {}
+            changed = state.changed() => if changed.is_err() {
+                // The control client is gone (shutdown); keep reconciling the last state.
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(interval) => {}
+                }
+            },
         }
     }
 }

@@ -1,5 +1,6 @@
 //! mesh-node: the per-node agent. It loads the capture programs into the kernel and runs the
 //! node proxy that carries the traffic of every enrolled pod on this node.
+pub mod admin;
 pub mod cgroups;
 pub mod config;
 pub mod control;
@@ -10,4 +11,3 @@ pub mod identity;
 pub mod netlink;
 pub mod proxy;
 pub mod tls;
-pub mod workloads;

@@ -9,9 +9,12 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
 use tracing_subscriber::EnvFilter;
 
+use tokio::net::TcpListener;
+
 use mesh_node::config::{Cli, Command, Config, LogFormat, RunArgs};
-use mesh_node::workloads::FileSource;
-use mesh_node::{ebpf, enrollment, proxy};
+use mesh_node::control::{self, ControlClient, NodeState};
+use mesh_node::identity::{self, CaSigner, CertStore, IdentityManager};
+use mesh_node::{admin, ebpf, enrollment, health, netlink, proxy};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -20,9 +23,7 @@ fn main() -> ExitCode {
         return ExitCode::from(2);
     }
     let result = match cli.command {
-        Some(Command::Uninstall { bpffs_dir }) => ebpf::uninstall(&bpffs_dir)
-            .map(|()| info!(dir = %bpffs_dir.display(), "capture programs detached and pins removed"))
-            .map_err(Into::into),
+        Some(Command::Uninstall { bpffs_dir }) => uninstall(&bpffs_dir),
         None => configure(cli.run).and_then(run),
     };
     match result {
@@ -33,6 +34,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn uninstall(bpffs_dir: &std::path::Path) -> anyhow::Result<()> {
+    ebpf::uninstall(bpffs_dir)?;
+    info!(dir = %bpffs_dir.display(), "capture programs detached and pins removed");
+    let removed = netlink::remove_capture_routing()?;
+    info!(rules_and_routes = ?removed.removed, "capture routing removed");
+    Ok(())
 }
 
 fn init_logging(filter: &str, format: LogFormat) -> Result<(), tracing_subscriber::filter::ParseError> {
@@ -72,35 +81,69 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
         .iter()
         .map(|a| proxy::listener::bind(*a).with_context(|| format!("binding the outbound listener on {a}")))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let health_listener = TcpListener::bind(cfg.health_addr).await.with_context(|| {
+        format!(
+            "binding the readiness endpoint on {} (--health-addr)",
+            cfg.health_addr
+        )
+    })?;
+    let admin_listener = TcpListener::bind(cfg.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin API on {} (--admin-addr)", cfg.admin_addr))?;
+    let ca_file = &cfg.controller.ca_file;
+    let roots = std::fs::read(ca_file)
+        .with_context(|| format!("reading --controller-ca {}", ca_file.display()))
+        .and_then(|pem| identity::roots_from_pem(&pem).map_err(anyhow::Error::msg))
+        .with_context(|| format!("--controller-ca {}", ca_file.display()))?;
+
+    let stop = CancellationToken::new();
+    let tracker = TaskTracker::new();
+    let (control, config) = ControlClient::new(cfg.controller.clone());
+    let certs = CertStore::new();
+    let identities = IdentityManager::new(CaSigner::new(cfg.controller.clone()), roots, certs.clone());
+    let readiness = health::Readiness::new(Some(config.clone()));
+    let mut tasks = vec![
+        tokio::spawn(control.run(stop.clone())),
+        tokio::spawn(identities.run(
+            config.subscribe(),
+            |s: &Arc<NodeState>| s.local_identities(),
+            stop.clone(),
+        )),
+        tokio::spawn(health::serve(health_listener, readiness.clone(), stop.clone())),
+        tokio::spawn(admin::serve(admin_listener, admin::Admin { certs }, stop.clone())),
+    ];
+
     let datapath = ebpf::Datapath::start(&cfg.datapath)?;
+    readiness.set_capture_active(true);
     info!(
         node = %cfg.node_name,
         reused_pins = datapath.reused_pins(),
         pods_cgroup = %cfg.datapath.pods_cgroup.display(),
         "capture active"
     );
-
-    let stop = CancellationToken::new();
-    let tracker = TaskTracker::new();
-    let source = cfg.workloads_file.clone().map(FileSource::new);
-    let reconcile = tokio::spawn(enrollment::run(
+    tasks.push(tokio::spawn(enrollment::run(
         datapath,
-        source,
+        config.subscribe(),
+        cfg.datapath.pods_cgroup.clone(),
         cfg.reconcile_interval,
         stop.clone(),
-    ));
-    let outbound = tokio::spawn(proxy::serve_outbound(
+    )));
+    tasks.push(tokio::spawn(proxy::serve_outbound(
         cfg.clone(),
         listeners,
         tracker.clone(),
         stop.clone(),
-    ));
-    info!(listeners = ?cfg.outbound_listeners, "ready");
+    )));
+    info!(listeners = ?cfg.outbound_listeners, controller = %control::display_target(&cfg.controller.target), "ready");
 
     shutdown_signal().await?;
     info!(deadline = ?cfg.drain_timeout, "shutting down: draining connections");
     stop.cancel();
-    let _ = tokio::join!(reconcile, outbound);
+    for task in tasks {
+        if let Err(e) = task.await {
+            warn!(error = %e, "a task ended abnormally during shutdown");
+        }
+    }
     tracker.close();
     if tokio::time::timeout(cfg.drain_timeout, tracker.wait())
         .await

@@ -1,5 +1,5 @@
-//! The real `mesh-node` agent on a harness node: its workloads file, its process, its logs and
-//! its pinned maps as the kernel holds them.
+//! The real `mesh-node` agent on a harness node: its process, its logs, its admin API and its
+//! pinned maps as the kernel holds them.
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
+use crate::controller::Controller;
 use crate::{bin_path, wait_until, Cluster, Node, Pod, Proc};
 
 /// How long an agent may take to attach its programs and bind its listeners.
@@ -15,44 +16,28 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long the agent may take to act on a change.
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A node's agent. The workloads file outlives agent processes, so a restarted agent finds
-/// the same desired state; it is removed with this value.
+/// A node's agent, configured by the cluster's controller.
 pub struct Agent {
     node: Node,
-    dir: PathBuf,
+    controller: SocketAddr,
+    root_ca: PathBuf,
+    token_file: PathBuf,
     extra_args: Vec<String>,
     proc: Option<Proc>,
 }
 
 impl Agent {
-    /// Prepares (does not start) the agent of `node`; `extra_args` go to every start.
-    pub fn new(cluster: &Cluster, node: &Node, extra_args: &[&str]) -> Result<Agent> {
-        let dir = std::env::temp_dir().join(format!("{}-{}", cluster.id(), node.name));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let agent = Agent {
+    /// Prepares (does not start) the agent of `node`, registering the node with `controller`;
+    /// `extra_args` go to every start.
+    pub fn new(node: &Node, controller: &Controller, extra_args: &[&str]) -> Result<Agent> {
+        Ok(Agent {
             node: node.clone(),
-            dir,
+            controller: controller.addr(),
+            root_ca: controller.root_ca(),
+            token_file: controller.node_token(&node.name)?,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             proc: None,
-        };
-        agent.set_workloads(&[])?;
-        Ok(agent)
-    }
-
-    pub fn workloads_file(&self) -> PathBuf {
-        self.dir.join("workloads.json")
-    }
-
-    /// Replaces the enrolled workloads, atomically (the agent never reads half a file).
-    pub fn set_workloads(&self, pods: &[&Pod]) -> Result<()> {
-        let workloads: Vec<Value> = pods
-            .iter()
-            .map(|p| serde_json::json!({"namespace": "default", "name": p.name, "cgroup": p.cgroup}))
-            .collect();
-        let tmp = self.dir.join("workloads.json.tmp");
-        std::fs::write(&tmp, serde_json::json!({ "workloads": workloads }).to_string())?;
-        std::fs::rename(&tmp, self.workloads_file())?;
-        Ok(())
+        })
     }
 
     /// The command line of this node's agent.
@@ -72,8 +57,12 @@ impl Agent {
             .arg(pin_dir)
             .arg("--pods-cgroup")
             .arg(pods_cgroup)
-            .arg("--workloads-file")
-            .arg(self.workloads_file())
+            .arg("--controller")
+            .arg(self.controller.to_string())
+            .arg("--controller-ca")
+            .arg(&self.root_ca)
+            .arg("--controller-token-file")
+            .arg(&self.token_file)
             .args(["--reconcile-interval", "100ms", "--log-format", "json"])
             .args(["--log", "info,mesh_node=debug"])
             .args(&self.extra_args);
@@ -178,13 +167,6 @@ impl Agent {
             .collect::<Result<_>>()?;
         ids.sort_unstable();
         Ok(ids)
-    }
-}
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        drop(self.proc.take());
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -9,6 +9,7 @@ use serde_json::Value;
 
 use mesh_harness::agent::Agent;
 use mesh_harness::app::{accept_peer, client, echo_server, testapp};
+use mesh_harness::controller::{namespace_yaml, pod_yaml, Controller};
 use mesh_harness::{wait_until, Cluster, Pod, Proc};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -19,6 +20,21 @@ fn v4(pod: &Pod, port: u16) -> SocketAddr {
 
 fn v6(pod: &Pod, port: u16) -> SocketAddr {
     SocketAddr::new(pod.ipv6.into(), port)
+}
+
+/// Namespace `ns` with `pods` in it, enrolled (`mesh.dev/enroll=true`) or not.
+fn namespace(controller: &Controller, ns: &str, enrolled: bool, pods: &[&Pod]) -> Result<()> {
+    let labels: &[(&str, &str)] = if enrolled {
+        &[("mesh.dev/enroll", "true")]
+    } else {
+        &[]
+    };
+    let mut yaml = namespace_yaml(ns, labels);
+    for pod in pods {
+        yaml.push_str("---\n");
+        yaml.push_str(&pod_yaml(pod, ns, "default", &[]));
+    }
+    controller.apply(ns, &yaml)
 }
 
 fn peer_ip(server: &Proc, n: usize) -> Result<IpAddr> {
@@ -36,8 +52,10 @@ fn enrolled_pod_is_captured_on_ipv4_and_ipv6_and_bytes_arrive_intact() -> Result
     let remote = echo_server(&cluster, &remote_server, &[8080])?;
     let local = echo_server(&cluster, &local_server, &[8080])?;
 
-    let mut agent = Agent::new(&cluster, &a, &[])?;
-    agent.set_workloads(&[&client_pod])?;
+    let controller = Controller::start(&cluster, &[])?;
+    namespace(&controller, "shop", true, &[&client_pod])?;
+    namespace(&controller, "backend", false, &[&local_server, &remote_server])?;
+    let mut agent = Agent::new(&a, &controller, &[])?;
     agent.start(&cluster)?;
     agent.wait_enrolled(&[&client_pod])?;
 
@@ -78,8 +96,10 @@ fn unenrolled_pods_and_excluded_ports_are_not_captured() -> Result<()> {
     let server_pod = cluster.add_pod("b", "server")?;
     let server = echo_server(&cluster, &server_pod, &[8080, 9090])?;
 
-    let mut agent = Agent::new(&cluster, &a, &["--exclude-port", "9090"])?;
-    agent.set_workloads(&[&enrolled])?;
+    let controller = Controller::start(&cluster, &[])?;
+    namespace(&controller, "shop", true, &[&enrolled])?;
+    namespace(&controller, "plain", false, &[&outsider, &server_pod])?;
+    let mut agent = Agent::new(&a, &controller, &["--exclude-port", "9090"])?;
     agent.start(&cluster)?;
     agent.wait_enrolled(&[&enrolled])?;
 
@@ -116,20 +136,22 @@ fn removing_a_pod_removes_its_map_entry_and_nothing_else() -> Result<()> {
     let server_pod = cluster.add_pod("a", "server")?;
     let server = echo_server(&cluster, &server_pod, &[8080, 9090])?;
 
-    let mut agent = Agent::new(&cluster, &a, &[])?;
-    agent.set_workloads(&[&stays, &goes])?;
+    let controller = Controller::start(&cluster, &[])?;
+    namespace(&controller, "shop", true, &[&stays, &goes])?;
+    namespace(&controller, "backend", false, &[&server_pod])?;
+    let mut agent = Agent::new(&a, &controller, &[])?;
     agent.start(&cluster)?;
     agent.wait_enrolled(&[&stays, &goes])?;
 
-    // The cgroup vanishes while the workloads file still lists the pod.
+    // The cgroup vanishes while the controller still lists the pod.
     cluster.remove_pod("goes")?;
     agent.wait_enrolled(&[&stays])?;
     // The pod that stays is still captured.
     client(&cluster, &stays, v4(&server_pod, 8080), 4096)?;
     assert_eq!(peer_ip(&server, 1)?, IpAddr::from(a.bridge_ipv4));
 
-    // Taking it out of the workloads empties the map.
-    agent.set_workloads(&[])?;
+    // Unlabelling the namespace unenrolls its pods.
+    namespace(&controller, "shop", false, &[&stays])?;
     agent.wait_enrolled(&[])?;
     Ok(())
 }
@@ -182,8 +204,10 @@ fn capture_survives_an_agent_killed_and_restarted() -> Result<()> {
     let server_pod = cluster.add_pod("b", "server")?;
     let server = echo_server(&cluster, &server_pod, &[8080, 9090])?;
 
-    let mut agent = Agent::new(&cluster, &a, &[])?;
-    agent.set_workloads(&[&client_pod])?;
+    let controller = Controller::start(&cluster, &[])?;
+    namespace(&controller, "shop", true, &[&client_pod])?;
+    namespace(&controller, "backend", false, &[&server_pod])?;
+    let mut agent = Agent::new(&a, &controller, &[])?;
     agent.start(&cluster)?;
     agent.wait_enrolled(&[&client_pod])?;
     let programs = || -> Result<(Vec<String>, Vec<String>)> {
@@ -276,7 +300,8 @@ fn capture_survives_an_agent_killed_and_restarted() -> Result<()> {
 fn missing_kernel_requirements_fail_with_one_clear_line() -> Result<()> {
     let cluster = Cluster::new("capture-preflight")?;
     let a = cluster.add_node("a")?;
-    let agent = Agent::new(&cluster, &a, &[])?;
+    let controller = Controller::start(&cluster, &[])?;
+    let agent = Agent::new(&a, &controller, &[])?;
     let not_bpffs = std::env::temp_dir().join(format!("{}-not-bpffs", cluster.id()));
     let not_cgroup2 = std::env::temp_dir();
     for (flag, value, want) in [
@@ -307,8 +332,9 @@ fn sigterm_exits_cleanly_keeping_capture_and_uninstall_detaches() -> Result<()> 
     let cluster = Cluster::new("capture-sigterm")?;
     let a = cluster.add_node("a")?;
     let client_pod = cluster.add_pod("a", "client")?;
-    let mut agent = Agent::new(&cluster, &a, &[])?;
-    agent.set_workloads(&[&client_pod])?;
+    let controller = Controller::start(&cluster, &[])?;
+    namespace(&controller, "shop", true, &[&client_pod])?;
+    let mut agent = Agent::new(&a, &controller, &[])?;
     agent.start(&cluster)?;
     agent.wait_enrolled(&[&client_pod])?;
 

@@ -7,6 +7,7 @@ use anyhow::{ensure, Result};
 
 use mesh_harness::agent::Agent;
 use mesh_harness::app::{accept_peer, client, echo_server};
+use mesh_harness::controller::{namespace_yaml, pod_yaml, Controller};
 use mesh_harness::Cluster;
 
 use crate::run::{cargo, require_root, step};
@@ -30,8 +31,21 @@ pub fn run(args: Args) -> Result<()> {
     let web = cluster.add_pod("a", "web")?;
     let api = cluster.add_pod("a", "api")?;
     let server = echo_server(&cluster, &api, &[8080])?;
-    let mut agent = Agent::new(&cluster, &node, &[])?;
-    agent.set_workloads(&[&web])?;
+    let controller = Controller::start(&cluster, &[])?;
+    let shop = namespace_yaml("shop", &[("mesh.dev/enroll", "true")]);
+    controller.apply(
+        "shop",
+        &format!("{shop}---\n{}", pod_yaml(&web, "shop", "web", &[])),
+    )?;
+    controller.apply(
+        "backend",
+        &format!(
+            "{}---\n{}",
+            namespace_yaml("backend", &[]),
+            pod_yaml(&api, "backend", "api", &[])
+        ),
+    )?;
+    let mut agent = Agent::new(&node, &controller, &[])?;
     agent.start(&cluster)?;
     agent.wait_enrolled(&[&web])?;
 
