@@ -50,9 +50,32 @@ if [ -z "$linker" ] || ! ldd "$linker" | grep -q "libLLVM.so.${llvm_major}"; the
     --no-default-features --features "llvm-${llvm_major}" >/dev/null
 fi
 
+# MESH_SETUP_BUILD_ONLY=1 (the image builder, daemonset/Dockerfile): the build toolchain
+# only; no kernel mounts (a container build cannot make them), no test tools.
+if [ -n "${MESH_SETUP_BUILD_ONLY:-}" ]; then
+  log "ready to build (LLVM ${llvm_major})"
+  exit 0
+fi
+
 # Kernel facilities the e2e tests and the agent use.
 if ! mountpoint -q /sys/fs/bpf; then
   mkdir -p /sys/fs/bpf
   mount -t bpf bpf /sys/fs/bpf
+fi
+
+# Manifest validation (cargo xtask test): the Kubernetes JSON schemas of every version,
+# pinned, in the python3 that is on PATH.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+if ! python3 -c "import kubernetes_validate, sys; sys.exit(kubernetes_validate.__version__ != '${KUBERNETES_VALIDATE_VERSION}')" 2>/dev/null; then
+  log "installing kubernetes-validate ${KUBERNETES_VALIDATE_VERSION}"
+  if ! python3 -m pip --version >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    "${APT[@]}" update >/dev/null
+    "${APT[@]}" install --no-install-recommends python3-pip >/dev/null
+  fi
+  pip_install=(python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore
+    "kubernetes-validate==${KUBERNETES_VALIDATE_VERSION}")
+  # A Debian python3 refuses system-wide installs (PEP 668) unless told otherwise.
+  "${pip_install[@]}" 2>/dev/null || "${pip_install[@]}" --break-system-packages
 fi
 log "ready (LLVM ${llvm_major})"

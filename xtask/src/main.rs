@@ -1,6 +1,7 @@
 //! Project automation: `cargo xtask setup | test | demo`. Builds without the eBPF toolchain,
 //! because its first job is to install it.
 mod demo;
+mod manifests;
 mod run;
 mod setup;
 mod test;
@@ -22,6 +23,8 @@ enum Task {
     Test(test::Args),
     /// Set up, then bring up a local cluster in network namespaces and show mesh at work.
     Demo(demo::Args),
+    /// Regenerate the CRD YAML in daemonset/base/crds from the Rust types.
+    Manifests,
 }
 
 fn main() -> std::process::ExitCode {
@@ -29,6 +32,7 @@ fn main() -> std::process::ExitCode {
         Task::Setup => setup::run(),
         Task::Test(args) => test::run(args),
         Task::Demo(args) => demo::run(args),
+        Task::Manifests => manifests::run(),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -34,6 +34,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .arg("--")
             .args(&args.cargo_test_args),
     )?;
+    crate::manifests::validate()?;
     eprintln!(
         "xtask: all checks passed in {:.0}s",
         start.elapsed().as_secs_f64()
