@@ -63,7 +63,20 @@ pub async fn run(
     loop {
         let resolved = {
             let state = state.borrow_and_update();
-            cgroups::resolve_enrolled(&state, &pods_root)
+            // Before the first config, the kernel's pinned map is the best knowledge there is
+            // (a restarted agent's); reconciling against nothing would stop capture.
+            state
+                .has_config()
+                .then(|| cgroups::resolve_enrolled(&state, &pods_root))
+        };
+        let Some(resolved) = resolved else {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = state.changed() => if changed.is_err() {
+                    return;
+                },
+            }
+            continue;
         };
         let mut problems = BTreeMap::new();
         let workloads = match resolved {

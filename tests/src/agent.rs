@@ -40,6 +40,11 @@ impl Agent {
         })
     }
 
+    /// Makes later starts read the controller token from `path` (to test refusals).
+    pub fn set_token_file(&mut self, path: PathBuf) {
+        self.token_file = path;
+    }
+
     /// The command line of this node's agent.
     pub fn command(&self) -> Result<Command> {
         self.command_with(&self.node.pin_dir, &self.node.pods_cgroup)
@@ -158,6 +163,27 @@ impl Agent {
         })
     }
 
+    /// `GET` on the agent's admin API (127.0.0.1:15000 inside the node), as JSON.
+    pub fn admin_get(&self, cluster: &Cluster, path: &str) -> Result<Value> {
+        let out = cluster
+            .exec_on_node(&self.node, curl(&format!("http://127.0.0.1:15000{path}")))?
+            .success()?;
+        serde_json::from_str(&out.stdout).with_context(|| format!("admin {path}: {}", out.stdout))
+    }
+
+    /// The readiness probe's answer: (HTTP status, body).
+    pub fn readiness(&self, cluster: &Cluster) -> Result<(u16, String)> {
+        let mut cmd = curl("http://127.0.0.1:15021/healthz/ready");
+        cmd.args(["-w", "\n%{http_code}"]);
+        let out = cluster.exec_on_node(&self.node, cmd)?.success()?;
+        let (body, code) = out
+            .stdout
+            .trim_end()
+            .rsplit_once('\n')
+            .context("curl printed no status")?;
+        Ok((code.parse()?, body.to_owned()))
+    }
+
     /// The cgroup ids in the kernel's enrolled map, read from the pins with bpftool.
     pub fn enrolled(&self) -> Result<Vec<u64>> {
         let map = find_pin(&self.node.pin_dir, "mesh_enrolled")?;
@@ -168,6 +194,12 @@ impl Agent {
         ids.sort_unstable();
         Ok(ids)
     }
+}
+
+fn curl(url: &str) -> Command {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", url]);
+    cmd
 }
 
 /// The `message` of a JSON log line.

@@ -33,6 +33,9 @@ enum Cmd {
         bytes: u64,
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+        /// Pause between 16 KiB chunks, to keep one connection open and flowing for a while.
+        #[arg(long, default_value_t = 0)]
+        pace_ms: u64,
     },
     /// COUNT attempts of connect + small echo, one JSON line each.
     ConnectLoop {
@@ -54,7 +57,13 @@ fn main() -> ExitCode {
             connect,
             bytes,
             timeout_ms,
-        } => client(connect, bytes, Duration::from_millis(timeout_ms)),
+            pace_ms,
+        } => client(
+            connect,
+            bytes,
+            Duration::from_millis(timeout_ms),
+            Duration::from_millis(pace_ms),
+        ),
         Cmd::ConnectLoop {
             connect,
             count,
@@ -178,10 +187,10 @@ impl Pattern {
     }
 }
 
-fn client(addr: SocketAddr, bytes: u64, timeout: Duration) -> ExitCode {
+fn client(addr: SocketAddr, bytes: u64, timeout: Duration, pace: Duration) -> ExitCode {
     let mut report = json!({"ok": false, "local": null, "peer": addr.to_string(), "sent": 0, "received": 0,
                             "error": null});
-    let result = run_client(addr, bytes, timeout, &mut report);
+    let result = run_client(addr, bytes, timeout, pace, &mut report);
     if let Err(e) = &result {
         report["error"] = json!(e.to_string());
     }
@@ -194,7 +203,13 @@ fn client(addr: SocketAddr, bytes: u64, timeout: Duration) -> ExitCode {
     }
 }
 
-fn run_client(addr: SocketAddr, bytes: u64, timeout: Duration, report: &mut Value) -> io::Result<()> {
+fn run_client(
+    addr: SocketAddr,
+    bytes: u64,
+    timeout: Duration,
+    pace: Duration,
+    report: &mut Value,
+) -> io::Result<()> {
     let deadline = Instant::now() + timeout;
     let mut conn = TcpStream::connect_timeout(&addr, timeout)?;
     report["local"] = json!(conn.local_addr()?.to_string());
@@ -211,6 +226,9 @@ fn run_client(addr: SocketAddr, bytes: u64, timeout: Duration, report: &mut Valu
             pattern.fill(&mut buf[..n]);
             writer.write_all(&buf[..n])?;
             sent += n as u64;
+            if !pace.is_zero() && sent < bytes {
+                std::thread::sleep(pace);
+            }
         }
         writer.shutdown(Shutdown::Write)?;
         Ok(sent)
