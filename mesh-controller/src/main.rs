@@ -36,6 +36,9 @@ fn main() -> anyhow::Result<()> {
     if let Some(Command::Crds { out_dir }) = &args.command {
         return write_crds(out_dir.as_deref());
     }
+    // The Kubernetes client asks rustls for the process's provider; with more than one
+    // compiled in (feature unification in a workspace build) there would be none.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     match args.log_format {
         LogFormat::Text => tracing_subscriber::fmt().with_env_filter(filter).init(),

@@ -292,6 +292,34 @@ impl FakeApi {
     async fn answer(&self, client: &str, request: Request<kube::client::Body>) -> Response<Body> {
         let (parts, body) = request.into_parts();
         let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+        self.answer_parts(client, parts, body).await
+    }
+
+    /// Serves this fake over plain HTTP (for a real binary with a kubeconfig) until dropped.
+    pub async fn serve_http(self, listener: tokio::net::TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let fake = self.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |request: Request<hyper::body::Incoming>| {
+                    let fake = fake.clone();
+                    async move {
+                        let (parts, body) = request.into_parts();
+                        let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+                        Ok::<_, Infallible>(fake.answer_parts("http", parts, body).await)
+                    }
+                });
+                let io = hyper_util::rt::TokioIo::new(stream);
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(io, service)
+                    .await;
+            });
+        }
+    }
+
+    async fn answer_parts(&self, client: &str, parts: http::request::Parts, body: Bytes) -> Response<Body> {
         let path = parts.uri.path().to_owned();
         let query = parts.uri.query().unwrap_or_default().to_owned();
         let delay = {

@@ -3,6 +3,7 @@
 //! (leader only), TokenReview node authentication, the CA Secret race and the trust bundle,
 //! and Lease leader election.
 
+mod binary;
 mod ca;
 mod fake;
 mod leader;

@@ -297,8 +297,11 @@ async fn only_the_leader_writes_status_and_bad_policies_are_refused_whole() {
     );
     let a = start(&fake, "a", true);
     let b = start(&fake, "b", false);
-    eventually(WAIT, "status on both policies", || async {
-        accepted(&fake, "web-from-cart").is_some() && accepted(&fake, "bad-key").is_some()
+    eventually(WAIT, "status on both policies, both replicas loaded", || async {
+        accepted(&fake, "web-from-cart").is_some()
+            && accepted(&fake, "bad-key").is_some()
+            && a.store.latest().is_some()
+            && b.store.latest().is_some()
     })
     .await;
     let (status, reason, _, generation) = accepted(&fake, "web-from-cart").unwrap();
