@@ -9,5 +9,6 @@ pub mod enrollment;
 pub mod health;
 pub mod identity;
 pub mod netlink;
+pub mod policy;
 pub mod proxy;
 pub mod tls;

@@ -4,6 +4,7 @@ pub mod hbone;
 pub mod listener;
 pub mod orig_dst;
 pub mod outbound;
+pub mod route;
 pub mod upstream;
 
 use std::sync::Arc;
