@@ -93,6 +93,10 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_CONTROLLER_TOKEN_FILE")]
     pub controller_token_file: Option<PathBuf>,
 
+    /// The mesh's SPIFFE trust domain: peers must present identities in it.
+    #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = "cluster.local")]
+    pub trust_domain: String,
+
     /// Address of the readiness endpoint (`GET /healthz/ready`).
     #[arg(long, env = "MESH_HEALTH_ADDR", default_value_t = health::DEFAULT_ADDR)]
     pub health_addr: SocketAddr,
@@ -167,6 +171,7 @@ pub struct Config {
     pub datapath: DatapathConfig,
     pub outbound_listeners: Vec<SocketAddr>,
     pub controller: ControllerEndpoint,
+    pub trust_domain: String,
     pub health_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub reconcile_interval: Duration,
@@ -194,6 +199,16 @@ pub enum ConfigError {
     ReservedCaptureTable(u32),
     #[error("--capture-rule-priority: {0} must be between 1 and 32765")]
     BadRulePriority(u32),
+}
+
+impl Config {
+    /// The HBONE listeners (port 15008), one per address family the node has.
+    pub fn hbone_listeners(&self) -> Vec<SocketAddr> {
+        self.outbound_listeners
+            .iter()
+            .map(|a| SocketAddr::new(a.ip(), crate::proxy::hbone::HBONE_PORT))
+            .collect()
+    }
 }
 
 impl RunArgs {
@@ -257,6 +272,7 @@ impl RunArgs {
                 node_name.clone(),
             ),
             node_name,
+            trust_domain: self.trust_domain,
             health_addr: self.health_addr,
             admin_addr: self.admin_addr,
             reconcile_interval: self.reconcile_interval,

@@ -3,6 +3,7 @@
 //! start, whenever the config changes, and periodically, so that drift (a vanished cgroup, a
 //! pod whose cgroup appears after its config, a map edited by hand) is repaired unasked.
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,9 +12,12 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use mesh_api::MtlsMode;
+
 use crate::cgroups;
 use crate::control::NodeState;
-use crate::ebpf::{self, Datapath};
+use crate::ebpf::{self, Datapath, Mode};
+use crate::netlink::{self, CaptureRouting};
 
 /// An enrolled pod of this node and its cgroup directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -51,77 +55,39 @@ pub fn desired<E: std::fmt::Display>(
     d
 }
 
+/// Where this node's kernel state lives besides the maps: the pods' cgroup root, and the
+/// uplink and routing that capture inbound HBONE.
+pub struct Kernel {
+    pub pods_root: PathBuf,
+    pub routing: CaptureRouting,
+}
+
 pub async fn run(
     mut datapath: Datapath,
-    mut state: watch::Receiver<Arc<NodeState>>,
-    pods_root: PathBuf,
+    mut config: watch::Receiver<Arc<NodeState>>,
+    kernel: Kernel,
     interval: Duration,
     stop: CancellationToken,
 ) {
     // Problems are logged when they change, not on every round.
     let mut last_problems = BTreeMap::new();
     loop {
-        let resolved = {
-            let state = state.borrow_and_update();
-            // Before the first config, the kernel's pinned map is the best knowledge there is
-            // (a restarted agent's); reconciling against nothing would stop capture.
-            state
-                .has_config()
-                .then(|| cgroups::resolve_enrolled(&state, &pods_root))
-        };
-        let Some(resolved) = resolved else {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                changed = state.changed() => if changed.is_err() {
-                    return;
-                },
-            }
-            continue;
-        };
-        let mut problems = BTreeMap::new();
-        let workloads = match resolved {
-            Ok(r) => {
-                for pod in r.missing {
-                    problems.insert(pod, "no cgroup directory (yet)".to_owned());
-                }
-                r.workloads
-            }
-            Err(e) => {
-                problems.insert(
-                    pods_root.display().to_string(),
-                    format!("scanning the pods cgroup: {e}"),
-                );
-                Vec::new()
-            }
-        };
-        let want = desired(&workloads, ebpf::cgroup_id);
-        problems.extend(want.unresolved);
-        for (workload, reason) in &problems {
-            if last_problems.get(workload) != Some(reason) {
-                warn!(%workload, %reason, "enrolled pod not captured yet");
-            }
-        }
-        last_problems = problems;
-        let ids: BTreeSet<u64> = want.cgroups.keys().copied().collect();
-        match datapath.set_enrolled(&ids) {
-            Ok(diff) => {
-                for id in &diff.added {
-                    info!(
-                        cgroup_id = id,
-                        workload = want.cgroups.get(id).map(String::as_str),
-                        "enrolled"
-                    );
-                }
-                for id in &diff.removed {
-                    info!(cgroup_id = id, "unenrolled");
+        let state = config.borrow_and_update().clone();
+        // Before the first config, the kernel's pinned state is the best knowledge there is
+        // (a restarted agent's); reconciling against nothing would stop capture.
+        if state.has_config() {
+            let problems = reconcile(&mut datapath, &state, &kernel);
+            for (what, reason) in &problems {
+                if last_problems.get(what) != Some(reason) {
+                    warn!(%what, %reason, "not fully captured yet");
                 }
             }
-            Err(e) => warn!(error = %e, "updating the enrolled-cgroups map failed; will retry"),
+            last_problems = problems;
         }
         tokio::select! {
             _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-            changed = state.changed() => if changed.is_err() {
+            _ = tokio::time::sleep(interval), if state.has_config() => {}
+            changed = config.changed() => if changed.is_err() {
                 // The control client is gone (shutdown); keep reconciling the last state.
                 tokio::select! {
                     _ = stop.cancelled() => return,
@@ -129,6 +95,119 @@ pub async fn run(
                 }
             },
         }
+    }
+}
+
+/// One round: enrolled cgroups, inbound pod addresses, STRICT veths, capture routing. Returns
+/// what could not be done (by workload or component), to retry next round.
+fn reconcile(datapath: &mut Datapath, state: &NodeState, kernel: &Kernel) -> BTreeMap<String, String> {
+    let mut problems = BTreeMap::new();
+    let workloads = match cgroups::resolve_enrolled(state, &kernel.pods_root) {
+        Ok(r) => {
+            for pod in r.missing {
+                problems.insert(pod, "no cgroup directory (yet)".to_owned());
+            }
+            r.workloads
+        }
+        Err(e) => {
+            let root = kernel.pods_root.display().to_string();
+            problems.insert(root, format!("scanning the pods cgroup: {e}"));
+            Vec::new()
+        }
+    };
+    let want = desired(&workloads, ebpf::cgroup_id);
+    problems.extend(want.unresolved);
+    let ids: BTreeSet<u64> = want.cgroups.keys().copied().collect();
+    match datapath.set_enrolled(&ids) {
+        Ok(diff) => {
+            for id in &diff.added {
+                info!(
+                    cgroup_id = id,
+                    workload = want.cgroups.get(id).map(String::as_str),
+                    "enrolled"
+                );
+            }
+            for id in &diff.removed {
+                info!(cgroup_id = id, "unenrolled");
+            }
+        }
+        Err(e) => {
+            problems.insert("enrolled-cgroups map".into(), e.to_string());
+        }
+    }
+
+    let ips: BTreeSet<IpAddr> = state
+        .enrolled_local()
+        .flat_map(|w| w.ips.iter().copied())
+        .collect();
+    match datapath.set_inbound(&kernel.routing.uplink, &ips) {
+        Ok(diff) if !diff.ips_added.is_empty() || !diff.ips_removed.is_empty() => {
+            info!(added = ?diff.ips_added, removed = ?diff.ips_removed, "inbound capture updated");
+        }
+        Ok(_) => {}
+        Err(e) => {
+            problems.insert("inbound capture".into(), e.to_string());
+        }
+    }
+
+    let mut veths = BTreeMap::new();
+    for w in state.enrolled_local() {
+        let key = format!("{}/{}", w.namespace, w.name);
+        match w.ips.first().map(|ip| netlink::host_interface_of(*ip)) {
+            Some(Ok(Some(veth))) => {
+                veths.insert(veth, mode(w.mtls_mode));
+            }
+            Some(Ok(None)) => {
+                // On a bridged pod network the veth is found through the bridge's neighbour
+                // and forwarding tables, which know a pod only once the node has talked to it.
+                if let Some(ip) = w.ips.first() {
+                    prime_neighbour(*ip);
+                }
+                problems.insert(key, "host-side interface not found (yet)".into());
+            }
+            None => {
+                problems.insert(key, "pod has no address".into());
+            }
+            Some(Err(e)) => {
+                problems.insert(key, e.to_string());
+            }
+        }
+    }
+    match datapath.set_strict(&veths) {
+        Ok(diff) => {
+            if !diff.attached.is_empty() || !diff.detached.is_empty() {
+                info!(strict = ?diff.attached, permissive = ?diff.detached, "STRICT enforcement updated");
+            }
+            problems.extend(diff.unresolved);
+        }
+        Err(e) => {
+            problems.insert("STRICT".into(), e.to_string());
+        }
+    }
+    if let Err(e) = netlink::ensure_capture_routing(&kernel.routing) {
+        problems.insert("capture routing".into(), e.to_string());
+    }
+    problems
+}
+
+/// One empty datagram to the discard port makes the kernel resolve the pod's address, so the
+/// next round finds its veth. UDP passes STRICT, and a lost datagram is retried next round.
+fn prime_neighbour(ip: IpAddr) {
+    let bind: SocketAddr = match ip {
+        IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
+        IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
+    };
+    if let Ok(socket) = std::net::UdpSocket::bind(bind) {
+        let _ = socket.send_to(&[], (ip, DISCARD_PORT));
+    }
+}
+
+const DISCARD_PORT: u16 = 9;
+
+fn mode(mtls: MtlsMode) -> Mode {
+    match mtls {
+        MtlsMode::Strict => Mode::Strict,
+        MtlsMode::Permissive => Mode::Permissive,
     }
 }
 

@@ -1,4 +1,5 @@
 //! The `mesh-node` binary: flags in, agent running until SIGTERM, one clear line on failure.
+use std::net::IpAddr;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -14,7 +15,10 @@ use tokio::net::TcpListener;
 use mesh_node::config::{Cli, Command, Config, LogFormat, RunArgs};
 use mesh_node::control::{self, ControlClient, NodeState};
 use mesh_node::identity::{self, CaSigner, CertStore, IdentityManager};
-use mesh_node::{admin, ebpf, enrollment, health, netlink, proxy};
+use mesh_node::proxy::hbone::{Pool, PoolConfig};
+use mesh_node::proxy::mesh::Mesh;
+use mesh_node::proxy::{inbound, outbound};
+use mesh_node::{admin, ebpf, enrollment, health, netlink, proxy, tls};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -100,6 +104,8 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
     let tracker = TaskTracker::new();
     let (control, config) = ControlClient::new(cfg.controller.clone());
     let certs = CertStore::new();
+    let roots_der = roots.clone();
+    let certs_for_proxy = certs.clone();
     let identities = IdentityManager::new(CaSigner::new(cfg.controller.clone()), roots, certs.clone());
     let readiness = health::Readiness::new(Some(config.clone()));
     let mut tasks = vec![
@@ -113,7 +119,27 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
         tokio::spawn(admin::serve(admin_listener, admin::Admin { certs }, stop.clone())),
     ];
 
-    let datapath = ebpf::Datapath::start(&cfg.datapath)?;
+    let mut datapath = ebpf::Datapath::start(&cfg.datapath)?;
+    datapath.set_marks(cfg.capture.marks)?;
+    let node_ips: Vec<IpAddr> = [
+        cfg.datapath.proxy_ipv4.map(IpAddr::from),
+        cfg.datapath.proxy_ipv6.map(IpAddr::from),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let routing = cfg.capture.resolve(&node_ips)?;
+    netlink::ensure_capture_routing(&routing)?;
+    // The HBONE listeners exist before any pod's inbound traffic is captured: a captured SYN
+    // without a listener is dropped, not refused.
+    let hbone_listeners = cfg
+        .hbone_listeners()
+        .iter()
+        .map(|a| {
+            proxy::listener::bind_transparent(*a)
+                .with_context(|| format!("binding the HBONE listener on {a}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     readiness.set_capture_active(true);
     info!(
         node = %cfg.node_name,
@@ -124,15 +150,37 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
     tasks.push(tokio::spawn(enrollment::run(
         datapath,
         config.subscribe(),
-        cfg.datapath.pods_cgroup.clone(),
+        enrollment::Kernel {
+            pods_root: cfg.datapath.pods_cgroup.clone(),
+            routing,
+        },
         cfg.reconcile_interval,
         stop.clone(),
     )));
-    tasks.push(tokio::spawn(proxy::serve_outbound(
-        cfg.clone(),
+    let tls = tls::ConfigCache::new(tls::roots_from_der(&roots_der)?, cfg.trust_domain.clone());
+    let mesh = Arc::new(Mesh::new(
+        config.clone(),
+        certs_for_proxy,
+        tls,
+        Pool::new(PoolConfig::default()),
+        cfg.capture.marks.proxy,
+        cfg.connect_timeout,
+    ));
+    let (out_cfg, out_mesh) = (cfg.clone(), mesh.clone());
+    tasks.push(tokio::spawn(proxy::serve(
+        "outbound",
         listeners,
         tracker.clone(),
         stop.clone(),
+        move |c, p| outbound::handle(out_cfg.clone(), out_mesh.clone(), c, p),
+    )));
+    let in_stop = stop.clone();
+    tasks.push(tokio::spawn(proxy::serve(
+        "inbound",
+        hbone_listeners,
+        tracker.clone(),
+        stop.clone(),
+        move |c, p| inbound::handle(mesh.clone(), c, p, in_stop.clone()),
     )));
     info!(listeners = ?cfg.outbound_listeners, controller = %control::display_target(&cfg.controller.target), "ready");
 

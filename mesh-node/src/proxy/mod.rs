@@ -1,31 +1,36 @@
-//! The node proxy. One module per direction (DESIGN.md §5); this foundation has the outbound
-//! capture listener, which passes connections through as plain TCP.
+//! The node proxy, one module per direction (DESIGN.md §5): `outbound` carries captured
+//! connections of local pods, `inbound` terminates HBONE for them; both read `mesh`.
 pub mod hbone;
+pub mod inbound;
 pub mod listener;
+pub mod mesh;
 pub mod orig_dst;
 pub mod outbound;
 pub mod route;
 pub mod upstream;
 
-use std::sync::Arc;
+use std::future::Future;
+use std::net::SocketAddr;
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
-use crate::config::Config;
-
-/// Accepts on the outbound listeners until `stop` is cancelled; every connection runs as a
-/// task on `tracker`, so the caller can drain them.
-pub async fn serve_outbound(
-    cfg: Arc<Config>,
+/// Accepts on `listeners` until `stop` is cancelled; every connection runs `handle` as a task
+/// on `tracker`, so the caller can drain them.
+pub async fn serve<F, Fut>(
+    name: &'static str,
     listeners: Vec<TcpListener>,
     tracker: TaskTracker,
     stop: CancellationToken,
-) {
+    handle: F,
+) where
+    F: Fn(TcpStream, SocketAddr) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
     let accepts = listeners.into_iter().map(|l| {
-        let (cfg, tracker, stop) = (cfg.clone(), tracker.clone(), stop.clone());
+        let (tracker, stop, handle) = (tracker.clone(), stop.clone(), handle.clone());
         tokio::spawn(async move {
             loop {
                 let (conn, peer) = tokio::select! {
@@ -34,21 +39,20 @@ pub async fn serve_outbound(
                         Ok(c) => c,
                         Err(e) => {
                             // EMFILE and friends: back off briefly instead of spinning.
-                            warn!(error = %e, "accept failed");
+                            warn!(listener = name, error = %e, "accept failed");
                             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                             continue;
                         }
                     },
                 };
-                debug!(%peer, "accepted");
-                tracker.spawn(outbound::handle(cfg.clone(), conn, peer));
+                tracker.spawn(handle(conn, peer));
             }
         })
     });
     for task in accepts.collect::<Vec<_>>() {
         if let Err(e) = task.await {
-            warn!(error = %e, "outbound accept loop ended abnormally");
+            warn!(listener = name, error = %e, "accept loop ended abnormally");
         }
     }
-    info!("outbound listeners closed");
+    info!(listener = name, "listeners closed");
 }

@@ -1,0 +1,75 @@
+//! Inbound: HBONE to a local pod's IP on 15008, captured in the kernel onto the proxy's
+//! transparent listener. The accepted socket's local address names the destination pod, whose
+//! certificate the proxy presents; the client must present a mesh certificate, and policy
+//! decides per stream before the proxy connects to the pod with its mark.
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use mesh_api::Identity;
+use tokio::net::TcpStream;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, info_span, Instrument};
+
+use super::hbone::{self, Deny, Handler, Request, ServerSettings};
+use super::mesh::Mesh;
+use super::upstream::connect_marked;
+use crate::policy::Decision;
+
+pub async fn handle(mesh: Arc<Mesh>, conn: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+    let local = match conn.local_addr() {
+        Ok(a) => a,
+        Err(e) => return debug!(%peer, error = %e, "inbound: no local address"),
+    };
+    let span = info_span!("inbound", src = %peer, dst = %local);
+    async move {
+        let state = mesh.config.state();
+        let Some(pod) = Mesh::local_workload(&state, local.ip()) else {
+            return debug!("not an enrolled pod of this node; closing");
+        };
+        let Some(svid) = mesh.svid(&pod.identity) else {
+            return debug!(identity = %pod.identity, "no certificate for the destination yet; closing");
+        };
+        let tls = match mesh.tls.server(&svid) {
+            Ok(cfg) => cfg,
+            Err(e) => return debug!(error = %e, "building the server TLS config failed"),
+        };
+        let handler = Arc::new(Inbound { mesh: mesh.clone() });
+        if let Err(e) = hbone::serve_tls(conn, tls, handler, &ServerSettings::default(), stop).await {
+            debug!(reason = e.reason(), error = %e, "HBONE connection ended with an error");
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+struct Inbound {
+    mesh: Arc<Mesh>,
+}
+
+impl Handler for Inbound {
+    type Upstream = TcpStream;
+
+    fn authorize(&self, req: &Request) -> Result<(), Deny> {
+        let state = self.mesh.config.state();
+        let deny = |policy: &str| Deny {
+            policy: policy.to_owned(),
+        };
+        let source = Identity::from_str(&req.source_identity).map_err(|_| deny("invalid-source-identity"))?;
+        let dst = Mesh::local_workload(&state, req.dst.ip()).ok_or_else(|| deny("not-a-local-pod"))?;
+        match Mesh::authorize(&state, &dst, &source, req.dst.port()) {
+            Decision::Allow { .. } => Ok(()),
+            Decision::Deny { policy } => {
+                info!(src = %source, dst = %req.dst, workload = %format!("{}/{}", dst.namespace, dst.name), %policy, "denied by policy");
+                Err(deny(&policy))
+            }
+        }
+    }
+
+    fn connect(&self, req: &Request) -> impl Future<Output = io::Result<TcpStream>> + Send {
+        let (dst, mark) = (req.dst, self.mesh.proxy_mark);
+        async move { connect_marked(dst, mark).await }
+    }
+}
