@@ -65,3 +65,23 @@ pub fn accept_peer(server: &Proc, n: usize) -> Result<SocketAddr> {
     let v: Value = serde_json::from_str(&lines[n - 1])?;
     Ok(v["peer"].as_str().context("accept without peer")?.parse()?)
 }
+
+/// Sends `marker` from `pod` to an echo server at `dst` and returns what came back: a
+/// printable payload to look for on the wire.
+pub fn send_marker(cluster: &Cluster, pod: &Pod, dst: SocketAddr, marker: &str) -> Result<String> {
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args([
+        "-c",
+        MARKER_CLIENT,
+        &dst.ip().to_string(),
+        &dst.port().to_string(),
+        marker,
+    ]);
+    Ok(cluster.exec_in_pod(pod, cmd)?.success()?.stdout)
+}
+
+const MARKER_CLIENT: &str = "import socket,sys\n\
+s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=10)\n\
+s.sendall(sys.argv[3].encode())\ns.shutdown(socket.SHUT_WR)\nb=b''\n\
+while True:\n    d=s.recv(65536)\n    if not d: break\n    b+=d\n\
+print(b.decode())\n";

@@ -158,3 +158,28 @@ fn labels_yaml(labels: &[(&str, &str)]) -> String {
     let pairs: Vec<String> = labels.iter().map(|(k, v)| format!("{k:?}: {v:?}")).collect();
     format!("{{{}}}", pairs.join(", "))
 }
+
+/// A Service with a cluster IP, `port` → `target_port` (TCP), selecting pods labelled `app`.
+pub fn service_yaml(
+    name: &str,
+    namespace: &str,
+    vip: &str,
+    port: u16,
+    target_port: u16,
+    app: &str,
+) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  \
+         clusterIP: {vip}\n  selector: {{app: {app}}}\n  ports: [{{name: tcp, port: {port}, targetPort: {target_port}}}]\n"
+    )
+}
+
+/// An AuthorizationPolicy on the pods labelled `app`: `action` (ALLOW or DENY) for `principal`
+/// (`<trust domain>/ns/<ns>/sa/<sa>`).
+pub fn policy_yaml(name: &str, namespace: &str, app: &str, action: &str, principal: &str) -> String {
+    format!(
+        "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec:\n  selector: {{matchLabels: {{app: {app}}}}}\n  action: {action}\n  \
+         rules: [{{from: [{{source: {{principals: [{principal}]}}}}]}}]\n"
+    )
+}

@@ -27,6 +27,7 @@ mod cluster;
 pub mod controller;
 mod proc;
 mod sys;
+pub mod wire;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

@@ -7,8 +7,9 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Result};
 
 use mesh_harness::agent::Agent;
-use mesh_harness::app::{accept_peer, client, echo_server, testapp};
-use mesh_harness::controller::{namespace_yaml, pod_yaml, Controller};
+use mesh_harness::app::{accept_peer, client, echo_server, send_marker, testapp};
+use mesh_harness::controller::{namespace_yaml, pod_yaml, policy_yaml, service_yaml, Controller};
+use mesh_harness::wire::Sniffer;
 use mesh_harness::{wait_until, Cluster, Node, Pod, Proc};
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -72,10 +73,8 @@ impl World {
             yaml.push_str("---\n");
             yaml.push_str(&pod_yaml(pod, "shop", &pod.name, &[("app", &pod.name)]));
         }
-        yaml.push_str(&format!(
-            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: server, namespace: shop}}\nspec:\n  \
-             clusterIP: {VIP}\n  selector: {{app: server}}\n  ports: [{{name: tcp, port: 80, targetPort: 8080}}]\n"
-        ));
+        yaml.push_str("---\n");
+        yaml.push_str(&service_yaml("server", "shop", VIP, 80, 8080, "server"));
         yaml.push_str(extra);
         self.controller.apply("shop", &yaml)
     }
@@ -95,25 +94,13 @@ fn vip() -> SocketAddr {
     SocketAddr::new(VIP.parse().expect("a valid VIP"), 80)
 }
 
-/// Captures the packets crossing node a's link to the cluster network.
-fn sniff(w: &World) -> Result<(Proc, std::path::PathBuf)> {
-    let pcap = std::env::temp_dir().join(format!("{}-link.pcap", w.cluster.id()));
-    let mut cmd = Command::new("tcpdump");
-    cmd.args(["-i", "n1", "-U", "-s", "0", "-w"])
-        .arg(&pcap)
-        .arg("tcp");
-    let dump = w.cluster.spawn_in_net(w.cluster.link_netns(), cmd)?;
-    dump.wait_for_line(WAIT, |l| l.contains("listening on"))?;
-    Ok((dump, pcap))
-}
-
 #[test]
 fn cross_node_traffic_through_a_service_is_mtls_on_the_wire_and_byte_exact() -> Result<()> {
     let w = world("dp-wire")?;
     let server = echo_server(&w.cluster, &w.server, &[8080])?;
     w.wait_path(vip())?;
 
-    let (dump, pcap) = sniff(&w)?;
+    let sniffer = Sniffer::start(&w.cluster, &w.a)?;
     // 100 MB with half-close, byte for byte, through the Service VIP.
     let report = client(&w.cluster, &w.client, vip(), 100_000_000)?;
     ensure!(report.received == 100_000_000, "{report:?}");
@@ -123,35 +110,29 @@ fn cross_node_traffic_through_a_service_is_mtls_on_the_wire_and_byte_exact() -> 
         !peers.is_empty() && !peers.contains(&w.client.ipv4.into()),
         "every connection went through the proxies: {peers:?}"
     );
-    dump.kill(libc::SIGTERM)?;
-    dump.wait_exit(WAIT)?;
-    let bytes = std::fs::read(&pcap)?;
-    std::fs::remove_file(&pcap)?;
+    let capture = sniffer.stop(&w.cluster)?;
     ensure!(
-        bytes.len() > 100_000_000,
-        "the 100 MB crossed the link ({} bytes captured)",
-        bytes.len()
+        capture.bytes.len() > 100_000_000 && capture.hbone_packets > 1000,
+        "the 100 MB crossed the link over HBONE ({} bytes, {} HBONE packets captured)",
+        capture.bytes.len(),
+        capture.hbone_packets
     );
 
-    // The test app's payload begins with a known pseudo-random stream; plaintext on the link
-    // would show it. Run a client that sends a printable marker through the mesh and look for it.
+    // A printable marker sent through the mesh must not appear on the link.
     let marker = format!("MESH-PLAINTEXT-MARKER-{}", w.cluster.id());
-    let (dump, pcap) = sniff(&w)?;
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.args(["-c", MARKER_CLIENT, VIP, "80", &marker]);
-    let out = w.cluster.exec_in_pod(&w.client, cmd)?.success()?;
+    let sniffer = Sniffer::start(&w.cluster, &w.a)?;
+    let echoed = send_marker(&w.cluster, &w.client, vip(), &marker)?;
     ensure!(
-        out.stdout.contains(&marker),
-        "the marker came back through the mesh: {}",
-        out.stdout
+        echoed.contains(&marker),
+        "the marker came back through the mesh: {echoed}"
     );
-    dump.kill(libc::SIGTERM)?;
-    dump.wait_exit(WAIT)?;
-    let bytes = std::fs::read(&pcap)?;
-    std::fs::remove_file(&pcap)?;
-    ensure!(!bytes.is_empty(), "packets were captured on the link");
+    let capture = sniffer.stop(&w.cluster)?;
     ensure!(
-        !bytes.windows(marker.len()).any(|win| win == marker.as_bytes()),
+        capture.hbone_packets > 0,
+        "the marker's exchange crossed the link over HBONE"
+    );
+    ensure!(
+        !capture.contains(marker.as_bytes()),
         "the marker crossed the link in plaintext"
     );
 
@@ -187,19 +168,8 @@ fn accepted_from(server: &Proc) -> Vec<std::net::IpAddr> {
         .collect()
 }
 
-/// Sends a marker to an echo server and prints what came back.
-const MARKER_CLIENT: &str = "import socket,sys\n\
-s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=10)\n\
-m=sys.argv[3].encode()\ns.sendall(m)\ns.shutdown(socket.SHUT_WR)\nb=b''\n\
-while True:\n    d=s.recv(65536)\n    if not d: break\n    b+=d\n\
-print(b.decode())\n";
-
 fn policy(name: &str, action: &str, principal: &str) -> String {
-    format!(
-        "---\napiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\n\
-         spec:\n  selector: {{matchLabels: {{app: server}}}}\n  action: {action}\n  \
-         rules: [{{from: [{{source: {{principals: [{principal}]}}}}]}}]\n"
-    )
+    format!("---\n{}", policy_yaml(name, "shop", "server", action, principal))
 }
 
 /// The client's connection to `dst` fails, fast; returns the time it took.

@@ -1,0 +1,115 @@
+//! Reading the wire between nodes: a packet capture on a node's port of the cluster network,
+//! to prove what crosses it.
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::{wait_until, Cluster, Node, Proc, LINK_IPV4};
+
+const WAIT: Duration = Duration::from_secs(20);
+/// A pcap file's global header; records follow it.
+const PCAP_HEADER: usize = 24;
+const RECORD_HEADER: usize = 16;
+const HBONE_PORT: u16 = 15008;
+
+/// tcpdump on `node`'s link to the cluster network, writing every packet to a file.
+pub struct Sniffer {
+    proc: Proc,
+    pcap: PathBuf,
+    node: Node,
+}
+
+/// What crossed the link.
+pub struct Capture {
+    /// The packets as captured (pcap file contents).
+    pub bytes: Vec<u8>,
+    /// Packets to or from port 15008 (HBONE).
+    pub hbone_packets: usize,
+}
+
+impl Capture {
+    /// Does `needle` appear anywhere in the captured packets?
+    pub fn contains(&self, needle: &[u8]) -> bool {
+        self.bytes.windows(needle.len()).any(|w| w == needle)
+    }
+}
+
+impl Sniffer {
+    pub fn start(cluster: &Cluster, node: &Node) -> Result<Sniffer> {
+        let pcap = std::env::temp_dir().join(format!("{}-{}.pcap", cluster.id(), node.link_veth));
+        let mut cmd = Command::new("tcpdump");
+        cmd.args(["-i", &node.link_veth, "-U", "-s", "0", "-w"])
+            .arg(&pcap)
+            .arg("tcp or udp");
+        let proc = cluster.spawn_in_net(cluster.link_netns(), cmd)?;
+        proc.wait_for_line(WAIT, |l| l.contains("listening on"))
+            .context("tcpdump did not start")?;
+        Ok(Sniffer {
+            proc,
+            pcap,
+            node: node.clone(),
+        })
+    }
+
+    /// Stops the capture once everything sent before this call has been written: a barrier
+    /// datagram goes out after it, and packets on one interface are captured in order.
+    pub fn stop(self, cluster: &Cluster) -> Result<Capture> {
+        let barrier = format!("mesh-capture-barrier-{}", self.proc.pid());
+        let send = format!("printf %s {barrier} > /dev/udp/{LINK_IPV4}/9");
+        wait_until(WAIT, "the capture to reach its barrier", || {
+            let mut cmd = Command::new("bash");
+            cmd.args(["-c", &send]);
+            cluster
+                .exec_on_node(&self.node, cmd)
+                .map_err(|e| format!("{e:#}"))?;
+            let bytes = std::fs::read(&self.pcap).map_err(|e| e.to_string())?;
+            if bytes.windows(barrier.len()).any(|w| w == barrier.as_bytes()) {
+                Ok(())
+            } else {
+                Err(format!("{} bytes captured, no barrier yet", bytes.len()))
+            }
+        })?;
+        self.proc.kill(libc::SIGTERM)?;
+        self.proc.wait_exit(WAIT)?;
+        let bytes = std::fs::read(&self.pcap).with_context(|| format!("reading {}", self.pcap.display()))?;
+        let _ = std::fs::remove_file(&self.pcap);
+        Ok(Capture {
+            hbone_packets: count_port(&bytes, HBONE_PORT),
+            bytes,
+        })
+    }
+}
+
+/// Ethernet frames in a pcap file (little-endian, as tcpdump writes here) carrying TCP to or
+/// from `port`, over IPv4 or IPv6.
+fn count_port(pcap: &[u8], port: u16) -> usize {
+    let mut at = PCAP_HEADER;
+    let mut n = 0;
+    while let Some(header) = pcap.get(at..at + RECORD_HEADER) {
+        let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
+        let frame = pcap
+            .get(at + RECORD_HEADER..at + RECORD_HEADER + len)
+            .unwrap_or_default();
+        if tcp_ports(frame).is_some_and(|(s, d)| s == port || d == port) {
+            n += 1;
+        }
+        at += RECORD_HEADER + len;
+    }
+    n
+}
+
+fn tcp_ports(frame: &[u8]) -> Option<(u16, u16)> {
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let (proto, l4) = match ethertype {
+        0x0800 => (*frame.get(23)?, 14 + usize::from(frame.get(14)? & 0x0f) * 4),
+        0x86dd => (*frame.get(20)?, 14 + 40),
+        _ => return None,
+    };
+    if proto != 6 {
+        return None;
+    }
+    let p = frame.get(l4..l4 + 4)?;
+    Some((u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]])))
+}
