@@ -70,6 +70,8 @@ fn configure(args: RunArgs) -> anyhow::Result<Config> {
 }
 
 fn run(cfg: Config) -> anyhow::Result<()> {
+    let open_files = raise_open_files_limit();
+    info!(open_files, "open-files limit");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -204,6 +206,29 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
     }
     info!("stopped; capture stays attached for the next agent");
     Ok(())
+}
+
+/// Every proxied connection holds two descriptors; the usual soft limit of 1024 would cap a
+/// node at a few hundred. Raise it to the hard limit the operator allows.
+fn raise_open_files_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        let raised = libc::rlimit {
+            rlim_cur: lim.rlim_max,
+            ..lim
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+            return raised.rlim_cur;
+        }
+    }
+    lim.rlim_cur
 }
 
 async fn shutdown_signal() -> anyhow::Result<()> {

@@ -294,3 +294,116 @@ fn strict_mode_drops_plaintext_that_bypasses_the_proxy() -> Result<()> {
     );
     Ok(())
 }
+
+/// HTTP/1.1 (python's http.server) on 8081 and HTTP/2 cleartext (nghttpd) on 8082, serving
+/// `dir`; returns once both answer from the pod itself.
+fn http_servers(w: &World, pod: &Pod, dir: &std::path::Path) -> Result<(Proc, Proc)> {
+    let mut h1 = Command::new("/usr/bin/python3");
+    h1.args(["-c", HTTP11_SERVER, "8081"]).arg(dir);
+    let h1 = w.cluster.spawn_in_pod(pod, h1)?;
+    let mut h2 = Command::new("nghttpd");
+    h2.args(["--no-tls", "-d"]).arg(dir).arg("8082");
+    let h2 = w.cluster.spawn_in_pod(pod, h2)?;
+    for (port, flag) in [(8081, "--http1.1"), (8082, "--http2-prior-knowledge")] {
+        wait_until(WAIT, &format!("the HTTP server on {}:{port}", pod.name), || {
+            let url = format!("http://127.0.0.1:{port}/hello.txt");
+            let out = w
+                .cluster
+                .exec_in_pod(pod, curl(flag, &url))
+                .map_err(|e| e.to_string())?;
+            out.status.success().then_some(()).ok_or(out.stderr)
+        })?;
+    }
+    Ok((h1, h2))
+}
+
+/// python's file server, speaking HTTP/1.1 (its default is 1.0).
+const HTTP11_SERVER: &str = "import functools,http.server as h,sys\n\
+h.SimpleHTTPRequestHandler.protocol_version='HTTP/1.1'\n\
+handler=functools.partial(h.SimpleHTTPRequestHandler,directory=sys.argv[2])\n\
+h.ThreadingHTTPServer(('0.0.0.0',int(sys.argv[1])),handler).serve_forever()\n";
+
+fn curl(flag: &str, url: &str) -> Command {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", flag, "-w", "\n%{http_version}", url]);
+    cmd
+}
+
+#[test]
+fn http1_and_h2c_flow_through_the_mesh_cross_node_and_same_node() -> Result<()> {
+    let w = world("dp-http")?;
+    let dir = std::env::temp_dir().join(format!("{}-www", w.cluster.id()));
+    std::fs::create_dir_all(&dir)?;
+    let body = format!("hello from the mesh {}", w.cluster.id());
+    std::fs::write(dir.join("hello.txt"), &body)?;
+    let _remote = http_servers(&w, &w.server, &dir)?;
+    let _local = http_servers(&w, &w.local, &dir)?;
+    for pod in [&w.server, &w.local] {
+        for (port, flag, version) in [(8081, "--http1.1", "1.1"), (8082, "--http2-prior-knowledge", "2")] {
+            let url = format!("http://{}:{port}/hello.txt", pod.ipv4);
+            wait_until(WAIT, &format!("HTTP/{version} client → {url}"), || {
+                let out = w
+                    .cluster
+                    .exec_in_pod(&w.client, curl(flag, &url))
+                    .map_err(|e| e.to_string())?;
+                let want = format!("{body}\n{version}");
+                (out.status.success() && out.stdout.trim_end() == want)
+                    .then_some(())
+                    .ok_or(format!("{:?} {}", out.stdout, out.stderr))
+            })?;
+        }
+    }
+    std::fs::remove_dir_all(&dir)?;
+    Ok(())
+}
+
+#[test]
+fn a_thousand_concurrent_connections_through_one_pair_of_proxies_all_complete() -> Result<()> {
+    let w = world("dp-fanout")?;
+    let _server = echo_server(&w.cluster, &w.server, &[8080])?;
+    w.wait_path(vip())?;
+    let mut cmd = testapp()?;
+    cmd.args([
+        "fan-out",
+        "--connect",
+        &vip().to_string(),
+        "--connections",
+        "1000",
+        "--bytes",
+        "65536",
+    ]);
+    let out = w.cluster.exec_in_pod(&w.client, cmd)?;
+    let report: serde_json::Value = serde_json::from_str(out.stdout.trim())?;
+    println!("1000 concurrent connections: {report}");
+    ensure!(
+        out.status.success() && report["ok"] == 1000,
+        "all complete: {report} {}",
+        out.stderr
+    );
+    Ok(())
+}
+
+#[test]
+fn same_node_policy_is_enforced_in_the_proxy() -> Result<()> {
+    let w = world("dp-local-policy")?;
+    let _server = echo_server(&w.cluster, &w.local, &[8080])?;
+    let dst = SocketAddr::new(w.local.ipv4.into(), 8080);
+    w.wait_path(dst)?;
+    let deny = format!(
+        "---\n{}",
+        policy_yaml(
+            "no-client",
+            "shop",
+            "local",
+            "DENY",
+            "cluster.local/ns/shop/sa/client"
+        )
+    );
+    w.shop("permissive", &deny)?;
+    wait_until(WAIT, "the same-node DENY", || {
+        refused(&w, dst).map_err(|e| format!("{e:#}"))
+    })?;
+    w.shop("permissive", "")?;
+    w.wait_path(dst)?;
+    Ok(())
+}

@@ -37,6 +37,17 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         pace_ms: u64,
     },
+    /// CONNECTIONS clients at once, each sending BYTES and checking the echo; one JSON report.
+    FanOut {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        bytes: u64,
+        #[arg(long, default_value_t = 30_000)]
+        timeout_ms: u64,
+    },
     /// COUNT attempts of connect + small echo, one JSON line each.
     ConnectLoop {
         #[arg(long)]
@@ -64,6 +75,12 @@ fn main() -> ExitCode {
             Duration::from_millis(timeout_ms),
             Duration::from_millis(pace_ms),
         ),
+        Cmd::FanOut {
+            connect,
+            connections,
+            bytes,
+            timeout_ms,
+        } => fan_out(connect, connections, bytes, Duration::from_millis(timeout_ms)),
         Cmd::ConnectLoop {
             connect,
             count,
@@ -96,6 +113,7 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 }
 
 fn echo_server(addrs: &[SocketAddr]) -> ExitCode {
+    raise_fd_limit();
     let mut listeners = Vec::new();
     for addr in addrs {
         match listen(*addr) {
@@ -277,6 +295,56 @@ fn run_client(
         )));
     }
     Ok(())
+}
+
+fn fan_out(addr: SocketAddr, connections: usize, bytes: u64, timeout: Duration) -> ExitCode {
+    raise_fd_limit();
+    let start = Instant::now();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(connections));
+    let threads: Vec<_> = (0..connections)
+        .map(|_| {
+            let barrier = barrier.clone();
+            std::thread::Builder::new().stack_size(256 * 1024).spawn(move || {
+                // All connections open together, so they are concurrent, not sequential.
+                barrier.wait();
+                let mut report = json!({});
+                run_client(addr, bytes, timeout, Duration::ZERO, &mut report)
+            })
+        })
+        .collect();
+    let mut ok = 0;
+    let mut errors = Vec::new();
+    for t in threads {
+        match t.map(|h| h.join()) {
+            Ok(Ok(Ok(()))) => ok += 1,
+            Ok(Ok(Err(e))) => errors.push(e.to_string()),
+            Ok(Err(_)) => errors.push("client thread panicked".into()),
+            Err(e) => errors.push(format!("spawning a client thread: {e}")),
+        }
+    }
+    errors.truncate(5);
+    emit(json!({"ok": ok, "failed": connections - ok, "errors": errors,
+                "elapsed_ms": start.elapsed().as_millis() as u64}));
+    if ok == connections {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// Many connections need more than the usual 1024 descriptors.
+fn raise_fd_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct passed.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
 
 fn connect_loop(addr: SocketAddr, count: u64, interval: Duration, timeout: Duration) -> ExitCode {
