@@ -407,3 +407,66 @@ fn same_node_policy_is_enforced_in_the_proxy() -> Result<()> {
     w.wait_path(dst)?;
     Ok(())
 }
+
+#[test]
+fn foreign_certificates_and_garbage_on_the_hbone_port_are_refused_and_harmless() -> Result<()> {
+    let w = world("dp-foreign")?;
+    let _server = echo_server(&w.cluster, &w.local, &[8080])?;
+    let dst = SocketAddr::new(w.local.ipv4.into(), 8080);
+    w.wait_path(dst)?;
+    let b = w.cluster.node("b").expect("node b exists");
+
+    // A client certificate for a mesh identity, from a CA the mesh does not trust.
+    let dir = std::env::temp_dir().join(format!("{}-foreign", w.cluster.id()));
+    std::fs::create_dir_all(&dir)?;
+    let script = format!(
+        "set -e; cd {dir}; \
+         openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout ca.key -out ca.pem \
+           -days 1 -subj /CN=foreign 2>/dev/null; \
+         openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -keyout leaf.key -out leaf.csr \
+           -subj /CN=leaf 2>/dev/null; \
+         printf 'subjectAltName=URI:spiffe://cluster.local/ns/shop/sa/client' > ext; \
+         openssl x509 -req -in leaf.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 1 -extfile ext \
+           -out leaf.pem 2>/dev/null",
+        dir = dir.display()
+    );
+    let out = Command::new("sh").args(["-c", &script]).output()?;
+    ensure!(
+        out.status.success(),
+        "making the foreign certificate: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut cmd = Command::new("sh");
+    cmd.args([
+        "-c",
+        &format!(
+            "printf 'PRI * HTTP/2.0\\r\\n\\r\\nSM\\r\\n\\r\\n' | openssl s_client -ign_eof -connect {ip}:15008 -alpn h2 \
+             -cert {dir}/leaf.pem -key {dir}/leaf.key 2>&1",
+            ip = w.local.ipv4,
+            dir = dir.display()
+        ),
+    ]);
+    let out = w.cluster.exec_on_node(&b, cmd)?;
+    std::fs::remove_dir_all(&dir)?;
+    ensure!(
+        out.stdout.contains("unknown ca"),
+        "the destination proxy refuses a client certificate from a foreign CA: {}",
+        out.stdout
+    );
+
+    // Garbage on the captured HBONE port closes that connection only.
+    let mut cmd = Command::new("bash");
+    cmd.args([
+        "-c",
+        &format!(
+            "head -c 65536 /dev/urandom > /dev/tcp/{}/15008 || true",
+            w.local.ipv4
+        ),
+    ]);
+    w.cluster.exec_on_node(&b, cmd)?;
+    w.wait_path(dst)?;
+    let remote = SocketAddr::new(w.server.ipv4.into(), 8080);
+    let _remote_server = echo_server(&w.cluster, &w.server, &[8080])?;
+    w.wait_path(remote)?;
+    Ok(())
+}
