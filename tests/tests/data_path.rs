@@ -330,30 +330,53 @@ fn curl(flag: &str, url: &str) -> Command {
 }
 
 #[test]
-fn http1_and_h2c_flow_through_the_mesh_cross_node_and_same_node() -> Result<()> {
+fn http1_h2c_and_tcp_flow_through_service_vips_cross_node_and_same_node() -> Result<()> {
     let w = world("dp-http")?;
+    // A Service per (pod, protocol): server is on node b (cross-node), local on node a.
+    let services = [
+        ("server-h1", "10.96.0.20", 8081, "server"),
+        ("server-h2", "10.96.0.21", 8082, "server"),
+        ("local-h1", "10.96.0.22", 8081, "local"),
+        ("local-h2", "10.96.0.23", 8082, "local"),
+        ("local-tcp", "10.96.0.24", 8080, "local"),
+    ];
+    let extra: String = services
+        .iter()
+        .map(|(name, vip, target, app)| format!("---\n{}", service_yaml(name, "shop", vip, 80, *target, app)))
+        .collect();
+    w.shop("permissive", &extra)?;
     let dir = std::env::temp_dir().join(format!("{}-www", w.cluster.id()));
     std::fs::create_dir_all(&dir)?;
     let body = format!("hello from the mesh {}", w.cluster.id());
     std::fs::write(dir.join("hello.txt"), &body)?;
     let _remote = http_servers(&w, &w.server, &dir)?;
     let _local = http_servers(&w, &w.local, &dir)?;
-    for pod in [&w.server, &w.local] {
-        for (port, flag, version) in [(8081, "--http1.1", "1.1"), (8082, "--http2-prior-knowledge", "2")] {
-            let url = format!("http://{}:{port}/hello.txt", pod.ipv4);
-            wait_until(WAIT, &format!("HTTP/{version} client → {url}"), || {
-                let out = w
-                    .cluster
-                    .exec_in_pod(&w.client, curl(flag, &url))
-                    .map_err(|e| e.to_string())?;
-                let want = format!("{body}\n{version}");
-                (out.status.success() && out.stdout.trim_end() == want)
-                    .then_some(())
-                    .ok_or(format!("{:?} {}", out.stdout, out.stderr))
-            })?;
-        }
+    for (name, vip, target, _) in &services[..4] {
+        let (flag, version) = if *target == 8081 {
+            ("--http1.1", "1.1")
+        } else {
+            ("--http2-prior-knowledge", "2")
+        };
+        let url = format!("http://{vip}/hello.txt");
+        wait_until(WAIT, &format!("HTTP/{version} via {name} ({url})"), || {
+            let out = w
+                .cluster
+                .exec_in_pod(&w.client, curl(flag, &url))
+                .map_err(|e| e.to_string())?;
+            let want = format!("{body}\n{version}");
+            (out.status.success() && out.stdout.trim_end() == want)
+                .then_some(())
+                .ok_or(format!("{:?} {}", out.stdout, out.stderr))
+        })?;
     }
     std::fs::remove_dir_all(&dir)?;
+
+    // 100 MB of raw TCP with half-close to a pod on the same node, through its VIP.
+    let _echo = echo_server(&w.cluster, &w.local, &[8080])?;
+    let local_tcp = SocketAddr::new("10.96.0.24".parse()?, 80);
+    w.wait_path(local_tcp)?;
+    let report = client(&w.cluster, &w.client, local_tcp, 100_000_000)?;
+    ensure!(report.received == 100_000_000, "{report:?}");
     Ok(())
 }
 

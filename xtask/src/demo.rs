@@ -35,7 +35,11 @@ pub fn run(args: Args) -> Result<()> {
         crate::setup::run()?;
     }
     step("build binaries", cargo().args(["build", "--workspace", "--bins"]))?;
+    scenario(args.once)
+}
 
+/// The demo itself, on binaries already built; `once` returns after the checks.
+pub fn scenario(once: bool) -> Result<()> {
     let cluster = Cluster::new("demo")?;
     let a = cluster.add_node("a")?;
     cluster.add_node("b")?;
@@ -123,7 +127,7 @@ pub fn run(args: Args) -> Result<()> {
         bail!("demo failed: {}", failures.join("; "));
     }
     println!("All as expected.");
-    if args.once {
+    if once {
         return Ok(());
     }
     println!(

@@ -35,6 +35,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             .args(&args.cargo_test_args),
     )?;
     crate::manifests::validate()?;
+    eprintln!("xtask: ── demo --once");
+    let demo = Instant::now();
+    crate::demo::scenario(true).map_err(|e| e.context("demo --once"))?;
+    eprintln!("xtask: ✓ demo --once ({:.1}s)", demo.elapsed().as_secs_f64());
     eprintln!(
         "xtask: all checks passed in {:.0}s",
         start.elapsed().as_secs_f64()
