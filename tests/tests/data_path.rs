@@ -79,6 +79,14 @@ impl World {
         self.controller.apply("shop", &yaml)
     }
 
+    /// An echo server in `local` (same node as the client), once the mesh path to it works.
+    fn local_echo(&self) -> Result<(Proc, SocketAddr)> {
+        let server = echo_server(&self.cluster, &self.local, &[8080])?;
+        let dst = SocketAddr::new(self.local.ipv4.into(), 8080);
+        self.wait_path(dst)?;
+        Ok((server, dst))
+    }
+
     /// Waits until the client's connection to `dst` is served end to end (config, certificates
     /// and inbound capture are in place on both nodes).
     fn wait_path(&self, dst: SocketAddr) -> Result<()> {
@@ -409,9 +417,7 @@ fn a_thousand_concurrent_connections_through_one_pair_of_proxies_all_complete() 
 #[test]
 fn same_node_policy_is_enforced_in_the_proxy() -> Result<()> {
     let w = world("dp-local-policy")?;
-    let _server = echo_server(&w.cluster, &w.local, &[8080])?;
-    let dst = SocketAddr::new(w.local.ipv4.into(), 8080);
-    w.wait_path(dst)?;
+    let (_server, dst) = w.local_echo()?;
     let deny = format!(
         "---\n{}",
         policy_yaml(
@@ -434,9 +440,7 @@ fn same_node_policy_is_enforced_in_the_proxy() -> Result<()> {
 #[test]
 fn foreign_certificates_and_garbage_on_the_hbone_port_are_refused_and_harmless() -> Result<()> {
     let w = world("dp-foreign")?;
-    let _server = echo_server(&w.cluster, &w.local, &[8080])?;
-    let dst = SocketAddr::new(w.local.ipv4.into(), 8080);
-    w.wait_path(dst)?;
+    let (_server, dst) = w.local_echo()?;
     let b = w.cluster.node("b").expect("node b exists");
 
     // A client certificate for a mesh identity, from a CA the mesh does not trust.

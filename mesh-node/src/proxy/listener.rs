@@ -9,16 +9,7 @@ use tokio::net::TcpListener;
 const BACKLOG: i32 = 1024;
 
 pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
-    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-    if addr.is_ipv6() {
-        socket.set_only_v6(true)?;
-    }
-    socket.set_reuse_address(true)?;
-    socket.set_reuse_port(true)?;
-    socket.set_nonblocking(true)?;
-    socket.bind(&addr.into())?;
-    socket.listen(BACKLOG)?;
-    TcpListener::from_std(socket.into())
+    listen(addr, false)
 }
 
 /// The inbound HBONE listener (`0.0.0.0:15008` / `[::]:15008`): like [`bind`], plus
@@ -27,11 +18,17 @@ pub fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
 /// accepted socket's local address is then the pod's `IP:15008`, which tells the proxy which
 /// pod (and certificate) was dialled. Needs CAP_NET_ADMIN.
 pub fn bind_transparent(addr: SocketAddr) -> io::Result<TcpListener> {
+    listen(addr, true)
+}
+
+fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
-        set_ipv6_transparent(&socket)?;
-    } else {
+        if transparent {
+            set_ipv6_transparent(&socket)?;
+        }
+    } else if transparent {
         socket.set_ip_transparent_v4(true)?;
     }
     socket.set_reuse_address(true)?;
