@@ -13,7 +13,7 @@ use mesh_api::client::Target;
 use crate::control::{self, ControllerEndpoint};
 use crate::ebpf::{DatapathConfig, Marks};
 use crate::netlink::{CaptureConfig, DEFAULT_CAPTURE_TABLE, DEFAULT_RULE_PRIORITY};
-use crate::{admin, health};
+use crate::{admin, health, metrics};
 
 /// The ports of DESIGN.md §5 that the agent owns.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -101,6 +101,10 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_HEALTH_ADDR", default_value_t = health::DEFAULT_ADDR)]
     pub health_addr: SocketAddr,
 
+    /// Address of the Prometheus endpoint (`GET /metrics`).
+    #[arg(long, env = "MESH_METRICS_ADDR", default_value = metrics::DEFAULT_ADDR)]
+    pub metrics_addr: SocketAddr,
+
     /// Address of the admin (inspection) API; keep it on loopback.
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = admin::DEFAULT_ADDR)]
     pub admin_addr: SocketAddr,
@@ -173,6 +177,7 @@ pub struct Config {
     pub controller: ControllerEndpoint,
     pub trust_domain: String,
     pub health_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     pub admin_addr: SocketAddr,
     pub reconcile_interval: Duration,
     pub drain_timeout: Duration,
@@ -274,6 +279,7 @@ impl RunArgs {
             node_name,
             trust_domain: self.trust_domain,
             health_addr: self.health_addr,
+            metrics_addr: self.metrics_addr,
             admin_addr: self.admin_addr,
             reconcile_interval: self.reconcile_interval,
             drain_timeout: self.drain_timeout,

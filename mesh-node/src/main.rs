@@ -15,10 +15,11 @@ use tokio::net::TcpListener;
 use mesh_node::config::{Cli, Command, Config, LogFormat, RunArgs};
 use mesh_node::control::{self, ControlClient, NodeState};
 use mesh_node::identity::{self, CaSigner, CertStore, IdentityManager};
+use mesh_node::metrics::Metrics;
 use mesh_node::proxy::hbone::{Pool, PoolConfig};
 use mesh_node::proxy::mesh::Mesh;
 use mesh_node::proxy::{inbound, outbound};
-use mesh_node::{admin, ebpf, enrollment, health, netlink, proxy, tls};
+use mesh_node::{admin, ebpf, enrollment, health, httpd, netlink, proxy, tls};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -93,6 +94,12 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
             cfg.health_addr
         )
     })?;
+    let metrics_listener = TcpListener::bind(cfg.metrics_addr).await.with_context(|| {
+        format!(
+            "binding the metrics endpoint on {} (--metrics-addr)",
+            cfg.metrics_addr
+        )
+    })?;
     let admin_listener = TcpListener::bind(cfg.admin_addr)
         .await
         .with_context(|| format!("binding the admin API on {} (--admin-addr)", cfg.admin_addr))?;
@@ -104,6 +111,7 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
 
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
+    let metrics = Arc::new(Metrics::new().context("registering the metrics")?);
     let (control, config) = ControlClient::new(cfg.controller.clone());
     let certs = CertStore::new();
     let roots_der = roots.clone();
@@ -118,7 +126,20 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
             stop.clone(),
         )),
         tokio::spawn(health::serve(health_listener, readiness.clone(), stop.clone())),
-        tokio::spawn(admin::serve(admin_listener, admin::Admin { certs }, stop.clone())),
+        tokio::spawn(httpd::serve(
+            "admin",
+            admin_listener,
+            true,
+            admin::Admin { certs }.router(),
+            stop.clone(),
+        )),
+        tokio::spawn(httpd::serve(
+            "metrics",
+            metrics_listener,
+            false,
+            metrics.clone().router(),
+            stop.clone(),
+        )),
     ];
 
     let mut datapath = ebpf::Datapath::start(&cfg.datapath)?;
@@ -167,6 +188,7 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
         Pool::new(PoolConfig::default()),
         cfg.capture.marks.proxy,
         cfg.connect_timeout,
+        metrics,
     ));
     let (out_cfg, out_mesh) = (cfg.clone(), mesh.clone());
     tasks.push(tokio::spawn(proxy::serve(

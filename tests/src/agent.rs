@@ -171,6 +171,22 @@ impl Agent {
         serde_json::from_str(&out.stdout).with_context(|| format!("admin {path}: {}", out.stdout))
     }
 
+    /// The value of one Prometheus sample on the agent's :15020/metrics, e.g.
+    /// `mesh_outbound_connections_total{route="hbone"}`; 0 when it is absent.
+    pub fn metric(&self, cluster: &Cluster, sample: &str) -> Result<f64> {
+        let out = cluster
+            .exec_on_node(&self.node, curl("http://127.0.0.1:15020/metrics"))?
+            .success()?;
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.split_once(' ').map(|(name, _)| name) == Some(sample));
+        match line.and_then(|l| l.rsplit_once(' ')) {
+            Some((_, v)) => Ok(v.parse()?),
+            None => Ok(0.0),
+        }
+    }
+
     /// The readiness probe's answer: (HTTP status, body).
     pub fn readiness(&self, cluster: &Cluster) -> Result<(u16, String)> {
         let mut cmd = curl("http://127.0.0.1:15021/healthz/ready");

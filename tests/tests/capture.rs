@@ -121,9 +121,15 @@ fn unenrolled_pods_and_excluded_ports_are_not_captured() -> Result<()> {
         IpAddr::from(enrolled.ipv6),
         "excluded port (v6): direct"
     );
-    // And the enrolled pod on a port that is not excluded is captured.
+    // And the enrolled pod on a port that is not excluded is captured, and passed through as
+    // plain TCP (the server is not in the mesh), which the agent counts.
     client(&cluster, &enrolled, v4(&server_pod, 8080), 4096)?;
     assert_eq!(peer_ip(&server, 4)?, IpAddr::from(a.ipv4), "captured");
+    let passthrough = agent.metric(
+        &cluster,
+        r#"mesh_outbound_connections_total{route="passthrough"}"#,
+    )?;
+    assert_eq!(passthrough, 1.0, "one passthrough counted");
     Ok(())
 }
 

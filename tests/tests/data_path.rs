@@ -25,7 +25,7 @@ struct World {
     local: Pod,
     server: Pod,
     outsider: Pod,
-    _agents: Vec<Agent>,
+    agents: Vec<Agent>,
 }
 
 fn world(name: &str) -> Result<World> {
@@ -51,7 +51,7 @@ fn world(name: &str) -> Result<World> {
         local,
         server,
         outsider,
-        _agents: agents,
+        agents,
     };
     w.shop("permissive", "")?;
     w.controller.apply(
@@ -125,6 +125,9 @@ fn cross_node_traffic_through_a_service_is_mtls_on_the_wire_and_byte_exact() -> 
         capture.bytes.len(),
         capture.hbone_packets
     );
+
+    let hbone = w.agents[0].metric(&w.cluster, r#"mesh_outbound_connections_total{route="hbone"}"#)?;
+    ensure!(hbone >= 1.0, "node a counts its HBONE connections: {hbone}");
 
     // A printable marker sent through the mesh must not appear on the link.
     let marker = format!("MESH-PLAINTEXT-MARKER-{}", w.cluster.id());
@@ -223,6 +226,11 @@ fn authorization_policy_allows_and_denies_across_nodes() -> Result<()> {
         refused(&w, direct).map_err(|e| format!("{e:#}"))
     })?;
     println!("denied connection failed after {took:?}");
+    let denials = w.agents[1].metric(
+        &w.cluster,
+        r#"mesh_policy_denials_total{policy="shop/no-client"}"#,
+    )?;
+    ensure!(denials >= 1.0, "node b counts the denials by policy: {denials}");
 
     // An ALLOW policy for someone else makes the server default-deny for the client.
     w.shop(
@@ -495,5 +503,14 @@ fn foreign_certificates_and_garbage_on_the_hbone_port_are_refused_and_harmless()
     let remote = SocketAddr::new(w.server.ipv4.into(), 8080);
     let _remote_server = echo_server(&w.cluster, &w.server, &[8080])?;
     w.wait_path(remote)?;
+    let agent = &w.agents[0];
+    let unknown_ca = agent.metric(
+        &w.cluster,
+        r#"mesh_hbone_inbound_rejected_total{reason="unknown_ca"}"#,
+    )?;
+    ensure!(
+        unknown_ca >= 1.0,
+        "node a counts the foreign certificate: {unknown_ca}"
+    );
     Ok(())
 }

@@ -26,18 +26,25 @@ pub async fn handle(mesh: Arc<Mesh>, conn: TcpStream, peer: SocketAddr, stop: Ca
     let span = info_span!("inbound", src = %peer, dst = %local);
     async move {
         let state = mesh.config.state();
+        let rejected = |reason: &str| mesh.metrics.inbound_rejected.with_label_values(&[reason]).inc();
         let Some(pod) = Mesh::local_workload(&state, local.ip()) else {
+            rejected("not_local_pod");
             return debug!("not an enrolled pod of this node; closing");
         };
         let Some(svid) = mesh.svid(&pod.identity) else {
+            rejected("no_certificate");
             return debug!(identity = %pod.identity, "no certificate for the destination yet; closing");
         };
         let tls = match mesh.tls.server(&svid) {
             Ok(cfg) => cfg,
-            Err(e) => return debug!(error = %e, "building the server TLS config failed"),
+            Err(e) => {
+                rejected("tls_config");
+                return debug!(error = %e, "building the server TLS config failed");
+            }
         };
         let handler = Arc::new(Inbound { mesh: mesh.clone() });
         if let Err(e) = hbone::serve_tls(conn, tls, handler, &ServerSettings::default(), stop).await {
+            rejected(e.reason());
             debug!(reason = e.reason(), error = %e, "HBONE connection ended with an error");
         }
     }
@@ -59,7 +66,7 @@ impl Handler for Inbound {
         };
         let source = Identity::from_str(&req.source_identity).map_err(|_| deny("invalid-source-identity"))?;
         let dst = Mesh::local_workload(&state, req.dst.ip()).ok_or_else(|| deny("not-a-local-pod"))?;
-        match Mesh::authorize(&state, &dst, &source, req.dst.port()) {
+        match self.mesh.authorize(&state, &dst, &source, req.dst.port()) {
             Decision::Allow { .. } => Ok(()),
             Decision::Deny { policy } => {
                 info!(src = %source, dst = %req.dst, workload = %format!("{}/{}", dst.namespace, dst.name), %policy, "denied by policy");

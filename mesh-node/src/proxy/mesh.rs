@@ -2,6 +2,7 @@
 //! certificates, the TLS configs built from them, the HBONE pool and the proxy's socket mark.
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::{Identity, Workload};
@@ -9,6 +10,7 @@ use mesh_api::{Identity, Workload};
 use super::hbone::Pool;
 use crate::control::{ControlHandle, NodeState};
 use crate::identity::CertStore;
+use crate::metrics::Metrics;
 use crate::policy::{self, Decision};
 use crate::tls::{self, ConfigCache};
 
@@ -20,6 +22,7 @@ pub struct Mesh {
     /// SO_MARK on every connection the proxy makes to a pod: STRICT pods admit only these.
     pub proxy_mark: u32,
     pub connect_timeout: Duration,
+    pub metrics: Arc<Metrics>,
     round_robin: AtomicUsize,
 }
 
@@ -31,6 +34,7 @@ impl Mesh {
         pool: Pool,
         proxy_mark: u32,
         connect_timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Mesh {
             config,
@@ -39,6 +43,7 @@ impl Mesh {
             pool,
             proxy_mark,
             connect_timeout,
+            metrics,
             round_robin: AtomicUsize::new(0),
         }
     }
@@ -62,8 +67,16 @@ impl Mesh {
         tls::Svid::new(svid.chain().to_vec(), svid.private_key().clone_key()).ok()
     }
 
-    /// May `source` reach `dst` on `port`, by the policies that select `dst`?
-    pub fn authorize(state: &NodeState, dst: &Workload, source: &Identity, port: u16) -> Decision {
-        policy::authorize(state.policies.values(), dst, source, port)
+    /// May `source` reach `dst` on `port`, by the policies that select `dst`? Denials are
+    /// counted by policy.
+    pub fn authorize(&self, state: &NodeState, dst: &Workload, source: &Identity, port: u16) -> Decision {
+        let decision = policy::authorize(state.policies.values(), dst, source, port);
+        if let Decision::Deny { policy } = &decision {
+            self.metrics
+                .policy_denials
+                .with_label_values(&[policy.as_str()])
+                .inc();
+        }
+        decision
     }
 }

@@ -42,7 +42,15 @@ pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: 
         debug!(%dst, "captured");
         let _ = client.set_nodelay(true);
         let state = mesh.config.state();
-        let result = match route::route(&state, dst, &mut |n| mesh.next(n)) {
+        let route = route::route(&state, dst, &mut |n| mesh.next(n));
+        let label = match &route {
+            Route::Passthrough { .. } => "passthrough",
+            Route::NoEndpoint { .. } => "no_endpoint",
+            Route::Hbone { local: true, .. } => "local",
+            Route::Hbone { local: false, .. } => "hbone",
+        };
+        mesh.metrics.outbound.with_label_values(&[label]).inc();
+        let result = match route {
             Route::Passthrough { dst, .. } => passthrough(&cfg, client, dst).await,
             Route::NoEndpoint { service } => {
                 reset(&client);
@@ -100,7 +108,7 @@ async fn via_mesh(
             reset(&client);
             return Err(io::Error::other("destination workload vanished"));
         };
-        if let Decision::Deny { policy } = Mesh::authorize(state, dst, &src.identity, to.target.port()) {
+        if let Decision::Deny { policy } = mesh.authorize(state, dst, &src.identity, to.target.port()) {
             info!(src = %src.identity, dst = %to.target, %policy, "denied by policy");
             reset(&client);
             return Err(io::Error::new(io::ErrorKind::PermissionDenied, policy));
