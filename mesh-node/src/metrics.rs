@@ -15,8 +15,8 @@ pub struct Metrics {
     registry: Registry,
     /// Captured outbound connections by route: hbone, local, passthrough, no_endpoint.
     pub outbound: IntCounterVec,
-    /// Inbound HBONE connections refused before any stream, by reason (TLS failure, garbage,
-    /// not a local pod, no certificate yet).
+    /// Inbound HBONE refused, by reason: connections (TLS failure, garbage, not a local pod,
+    /// no certificate yet) and streams answered 400 (not a CONNECT, bad authority).
     pub inbound_rejected: IntCounterVec,
     /// Connections or streams refused by authorization policy, by policy (`ns/name` or
     /// `default-deny`).
@@ -39,7 +39,7 @@ impl Metrics {
             )?,
             inbound_rejected: counter(
                 "hbone_inbound_rejected_total",
-                "Inbound HBONE connections refused before any stream, by reason.",
+                "Inbound HBONE connections and streams refused before reaching a pod, by reason.",
                 "reason",
             )?,
             policy_denials: counter(

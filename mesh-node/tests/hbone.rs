@@ -97,6 +97,7 @@ struct TestHandler {
     deny: bool,
     seen: Mutex<Vec<Request>>,
     finished: Mutex<Vec<(u64, u64)>>,
+    bad_requests: Mutex<Vec<&'static str>>,
 }
 
 impl Handler for TestHandler {
@@ -115,6 +116,10 @@ impl Handler for TestHandler {
     fn connect(&self, req: &Request) -> impl Future<Output = io::Result<TcpStream>> + Send {
         let dst = req.dst;
         async move { TcpStream::connect(dst).await }
+    }
+
+    fn bad_request(&self, reason: &'static str) {
+        self.bad_requests.lock().unwrap().push(reason);
     }
 
     fn finished(&self, _req: &Request, result: &io::Result<(u64, u64)>) {
@@ -655,6 +660,11 @@ async fn malformed_requests_get_400() {
         assert!(
             server.handler.seen.lock().unwrap().is_empty(),
             "malformed requests never reach policy"
+        );
+        assert_eq!(
+            *server.handler.bad_requests.lock().unwrap(),
+            vec!["not_connect", "bad_authority", "authority_mismatch"],
+            "each 400 is reported to the handler, for metrics"
         );
         // And the connection still serves a good request.
         let ok = http::Request::builder()

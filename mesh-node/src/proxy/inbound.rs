@@ -75,6 +75,14 @@ impl Handler for Inbound {
         }
     }
 
+    fn bad_request(&self, reason: &'static str) {
+        self.mesh
+            .metrics
+            .inbound_rejected
+            .with_label_values(&[reason])
+            .inc();
+    }
+
     fn connect(&self, req: &Request) -> impl Future<Output = io::Result<TcpStream>> + Send {
         let (dst, mark) = (req.dst, self.mesh.proxy_mark);
         async move { connect_marked(dst, mark).await }

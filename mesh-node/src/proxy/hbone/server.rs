@@ -59,6 +59,10 @@ pub trait Handler: Send + Sync + 'static {
     /// Called once a tunnelled connection is over, with the bytes copied (client → upstream,
     /// upstream → client) or the error that ended it.
     fn finished(&self, _req: &Request, _result: &io::Result<(u64, u64)>) {}
+
+    /// Called when a stream is answered 400 before it reaches the handler (not a CONNECT, or a
+    /// bad `:authority`), with a short reason, for metrics.
+    fn bad_request(&self, _reason: &'static str) {}
 }
 
 /// Limits and knobs of the HBONE server.
@@ -176,14 +180,17 @@ impl<H: Handler> Ctx<H> {
     async fn handle(&self, mut req: http::Request<Incoming>) -> http::Response<Empty<Bytes>> {
         if req.method() != Method::CONNECT {
             debug!(method = %req.method(), "HBONE: not a CONNECT");
+            self.handler.bad_request("not_connect");
             return answer(StatusCode::BAD_REQUEST);
         }
         let Some(dst) = req.uri().authority().and_then(|a| parse_authority(a.as_str())) else {
             debug!(uri = %req.uri(), "HBONE: authority is not ip:port");
+            self.handler.bad_request("bad_authority");
             return answer(StatusCode::BAD_REQUEST);
         };
         if self.check_authority && !same_ip(dst.ip(), self.local_addr.ip()) {
             debug!(%dst, local = %self.local_addr, "HBONE: authority is not the address dialled");
+            self.handler.bad_request("authority_mismatch");
             return answer(StatusCode::BAD_REQUEST);
         }
         let forwarded_for = req
