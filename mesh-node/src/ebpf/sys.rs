@@ -81,17 +81,23 @@ pub struct LinkInfo {
 }
 
 pub fn link_info(fd: &OwnedFd) -> io::Result<LinkInfo> {
+    obj_info(fd)
+}
+
+/// `BPF_OBJ_GET_INFO_BY_FD` into the leading part of the kernel's info struct `T` (the kernel
+/// fills at most `size_of::<T>()` bytes).
+fn obj_info<T: Default>(fd: &OwnedFd) -> io::Result<T> {
     #[repr(C)]
     struct Attr {
         bpf_fd: u32,
         info_len: u32,
         info: u64,
     }
-    let mut info = LinkInfo::default();
+    let mut info = T::default();
     let mut attr = Attr {
         bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of::<LinkInfo>() as u32,
-        info: &mut info as *mut LinkInfo as u64,
+        info_len: size_of::<T>() as u32,
+        info: &mut info as *mut T as u64,
     };
     bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
     Ok(info)
@@ -262,20 +268,7 @@ pub struct TcxLinkInfo {
 }
 
 pub fn tcx_link_info(fd: &OwnedFd) -> io::Result<TcxLinkInfo> {
-    #[repr(C)]
-    struct Attr {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut info = TcxLinkInfo::default();
-    let mut attr = Attr {
-        bpf_fd: fd.as_raw_fd() as u32,
-        info_len: size_of::<TcxLinkInfo>() as u32,
-        info: &mut info as *mut TcxLinkInfo as u64,
-    };
-    bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr)?;
-    Ok(info)
+    obj_info(fd)
 }
 
 /// `BPF_LINK_CREATE` for a TCX hook (`BPF_TCX_INGRESS`/`BPF_TCX_EGRESS`) of the interface

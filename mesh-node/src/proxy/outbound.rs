@@ -18,6 +18,7 @@ use super::upstream::connect_marked;
 use crate::config::Config;
 use crate::control::NodeState;
 use crate::policy::Decision;
+use crate::tls::{self, TlsError};
 
 /// Copy buffers per direction: large enough that a bulk transfer is not syscall-bound.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -122,13 +123,6 @@ async fn via_mesh(
         };
         return copy(&mut client, &mut upstream).await;
     }
-    let Some(svid) = mesh.svid(&src.identity) else {
-        reset(&client);
-        return Err(io::Error::other(format!(
-            "no certificate for {} yet",
-            src.identity
-        )));
-    };
     let dst_identity = to.identity.to_string();
     let key = PoolKey {
         src_identity: src.identity.to_string(),
@@ -137,7 +131,12 @@ async fn via_mesh(
     };
     match mesh
         .pool
-        .connect(&key, || mesh.tls.client(&svid, &dst_identity), to.target, peer)
+        .connect(
+            &key,
+            || dial_config(mesh, &src.identity, &dst_identity),
+            to.target,
+            peer,
+        )
         .await
     {
         Ok(mut stream) => copy(&mut client, &mut stream).await,
@@ -151,6 +150,15 @@ async fn via_mesh(
             )))
         }
     }
+}
+
+/// The TLS config for a new HBONE connection. The pool asks only when it must dial, so a warm
+/// pool costs no certificate work per connection.
+fn dial_config(mesh: &Mesh, src: &Identity, dst_identity: &str) -> Result<Arc<tls::ClientConfig>, TlsError> {
+    let svid = mesh
+        .svid(src)
+        .ok_or_else(|| TlsError::InvalidMaterial(format!("no certificate for {src} yet")))?;
+    mesh.tls.client(&svid, dst_identity)
 }
 
 async fn passthrough(cfg: &Config, mut client: TcpStream, dst: SocketAddr) -> io::Result<(u64, u64)> {
