@@ -4,6 +4,7 @@
 //! with. Conversions: `From<domain> for pb::X` and `TryFrom<pb::X> for domain`, the latter
 //! failing with a [`WireError`] that names the offending field.
 
+pub mod admin;
 pub mod client;
 mod identity;
 mod objects;
