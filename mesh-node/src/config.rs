@@ -109,6 +109,15 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_ADMIN_ADDR", default_value = admin::DEFAULT_ADDR)]
     pub admin_addr: SocketAddr,
 
+    /// The admin API's Unix socket (mode 0600: root only), for meshctl on the node.
+    #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
+    pub admin_socket: PathBuf,
+
+    /// The share of successful connections written to the access log (target `access`), from
+    /// 0 (none) to 1 (all). Failed and denied connections are always written.
+    #[arg(long, env = "MESH_ACCESS_LOG_SAMPLE_RATE", default_value_t = 1.0)]
+    pub access_log_sample_rate: f64,
+
     /// How often the kernel's enrollment state is reconciled against the desired state.
     #[arg(long, env = "MESH_RECONCILE_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub reconcile_interval: Duration,
@@ -179,6 +188,8 @@ pub struct Config {
     pub health_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub admin_addr: SocketAddr,
+    pub admin_socket: PathBuf,
+    pub access_log_sample_rate: f64,
     pub reconcile_interval: Duration,
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
@@ -194,6 +205,8 @@ pub enum ConfigError {
     TooManyNodeIps(Vec<IpAddr>),
     #[error("--node-ip: {0} cannot be a redirect target (loopback, unspecified or multicast)")]
     UnusableNodeIp(IpAddr),
+    #[error("--access-log-sample-rate: {0} is not between 0 and 1")]
+    SampleRate(String),
     #[error("--outbound-port: must not be 0")]
     ZeroOutboundPort,
     #[error("--exclude-port: 0 is not a port")]
@@ -230,6 +243,9 @@ impl RunArgs {
         }
         if self.exclude_ports.contains(&0) {
             return Err(ConfigError::ZeroExcludedPort);
+        }
+        if !(0.0..=1.0).contains(&self.access_log_sample_rate) {
+            return Err(ConfigError::SampleRate(self.access_log_sample_rate.to_string()));
         }
         let marks = Marks {
             capture: self.capture_mark,
@@ -281,6 +297,8 @@ impl RunArgs {
             health_addr: self.health_addr,
             metrics_addr: self.metrics_addr,
             admin_addr: self.admin_addr,
+            admin_socket: self.admin_socket,
+            access_log_sample_rate: self.access_log_sample_rate,
             reconcile_interval: self.reconcile_interval,
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,

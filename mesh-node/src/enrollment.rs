@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -55,6 +55,17 @@ pub fn desired<E: std::fmt::Display>(
     d
 }
 
+/// What the last round found, for the admin API: workloads by `namespace/name`.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    /// The cgroup directory of each local pod found.
+    pub cgroups: BTreeMap<String, PathBuf>,
+    /// The pods whose cgroup is in the enrolled map.
+    pub captured: BTreeSet<String>,
+    /// What could not be done, by workload or component.
+    pub problems: BTreeMap<String, String>,
+}
+
 /// Where this node's kernel state lives besides the maps: the pods' cgroup root, and the
 /// uplink and routing that capture inbound HBONE.
 pub struct Kernel {
@@ -62,11 +73,14 @@ pub struct Kernel {
     pub routing: CaptureRouting,
 }
 
+/// Reconciles until `stop`, publishing each round's [`Report`] on `report`. The datapath is
+/// shared with the admin API, which reads it between rounds.
 pub async fn run(
-    mut datapath: Datapath,
+    datapath: Arc<Mutex<Datapath>>,
     mut config: watch::Receiver<Arc<NodeState>>,
     kernel: Kernel,
     interval: Duration,
+    report: watch::Sender<Arc<Report>>,
     stop: CancellationToken,
 ) {
     // Problems are logged when they change, not on every round.
@@ -76,13 +90,17 @@ pub async fn run(
         // Before the first config, the kernel's pinned state is the best knowledge there is
         // (a restarted agent's); reconciling against nothing would stop capture.
         if state.has_config() {
-            let problems = reconcile(&mut datapath, &state, &kernel);
-            for (what, reason) in &problems {
+            let round = {
+                let mut dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
+                reconcile(&mut dp, &state, &kernel)
+            };
+            for (what, reason) in &round.problems {
                 if last_problems.get(what) != Some(reason) {
                     warn!(%what, %reason, "not fully captured yet");
                 }
             }
-            last_problems = problems;
+            last_problems = round.problems.clone();
+            report.send_replace(Arc::new(round));
         }
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -98,9 +116,9 @@ pub async fn run(
     }
 }
 
-/// One round: enrolled cgroups, inbound pod addresses, STRICT veths, capture routing. Returns
-/// what could not be done (by workload or component), to retry next round.
-fn reconcile(datapath: &mut Datapath, state: &NodeState, kernel: &Kernel) -> BTreeMap<String, String> {
+/// One round: enrolled cgroups, inbound pod addresses, STRICT veths, capture routing. Reports
+/// what it found and what could not be done (by workload or component), to retry next round.
+fn reconcile(datapath: &mut Datapath, state: &NodeState, kernel: &Kernel) -> Report {
     let mut problems = BTreeMap::new();
     let workloads = match cgroups::resolve_enrolled(state, &kernel.pods_root) {
         Ok(r) => {
@@ -118,8 +136,10 @@ fn reconcile(datapath: &mut Datapath, state: &NodeState, kernel: &Kernel) -> BTr
     let want = desired(&workloads, ebpf::cgroup_id);
     problems.extend(want.unresolved);
     let ids: BTreeSet<u64> = want.cgroups.keys().copied().collect();
+    let mut captured = BTreeSet::new();
     match datapath.set_enrolled(&ids) {
         Ok(diff) => {
+            captured = want.cgroups.values().cloned().collect();
             for id in &diff.added {
                 info!(
                     cgroup_id = id,
@@ -187,7 +207,14 @@ fn reconcile(datapath: &mut Datapath, state: &NodeState, kernel: &Kernel) -> BTr
     if let Err(e) = netlink::ensure_capture_routing(&kernel.routing) {
         problems.insert("capture routing".into(), e.to_string());
     }
-    problems
+    Report {
+        cgroups: workloads
+            .into_iter()
+            .map(|w| (format!("{}/{}", w.namespace, w.name), w.cgroup))
+            .collect(),
+        captured,
+        problems,
+    }
 }
 
 /// One empty datagram to the discard port makes the kernel resolve the pod's address, so the

@@ -3,12 +3,14 @@
 pub mod admin;
 pub mod cgroups;
 pub mod config;
+pub mod connections;
 pub mod control;
 pub mod ebpf;
 pub mod enrollment;
 pub mod health;
 pub mod httpd;
 pub mod identity;
+pub mod logging;
 pub mod metrics;
 pub mod netlink;
 pub mod policy;

@@ -1,21 +1,24 @@
 //! The `mesh-node` binary: flags in, agent running until SIGTERM, one clear line on failure.
 use std::net::IpAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use anyhow::Context;
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn};
-use tracing_subscriber::EnvFilter;
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 
-use mesh_node::config::{Cli, Command, Config, LogFormat, RunArgs};
+use mesh_node::config::{Cli, Command, Config, RunArgs};
+use mesh_node::connections::{AccessLog, Connections};
 use mesh_node::control::{self, ControlClient, NodeState};
 use mesh_node::identity::{self, CaSigner, CertStore, IdentityManager};
-use mesh_node::metrics::Metrics;
+use mesh_node::logging::{self, LogControl};
+use mesh_node::metrics::{self, Metrics};
 use mesh_node::proxy::hbone::{Pool, PoolConfig};
 use mesh_node::proxy::mesh::Mesh;
 use mesh_node::proxy::{inbound, outbound};
@@ -23,13 +26,16 @@ use mesh_node::{admin, ebpf, enrollment, health, httpd, netlink, proxy, tls};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(e) = init_logging(&cli.run.log, cli.run.log_format) {
-        eprintln!("mesh-node: --log: {e}");
-        return ExitCode::from(2);
-    }
+    let log = match logging::init(&cli.run.log, cli.run.log_format) {
+        Ok(log) => log,
+        Err(e) => {
+            eprintln!("mesh-node: --log: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let result = match cli.command {
         Some(Command::Uninstall { bpffs_dir }) => uninstall(&bpffs_dir),
-        None => configure(cli.run).and_then(run),
+        None => configure(cli.run).and_then(|cfg| run(cfg, log)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -49,18 +55,6 @@ fn uninstall(bpffs_dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn init_logging(filter: &str, format: LogFormat) -> Result<(), tracing_subscriber::filter::ParseError> {
-    let filter = EnvFilter::try_new(filter)?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-    Ok(())
-}
-
 fn configure(args: RunArgs) -> anyhow::Result<Config> {
     let pods_root = ebpf::cgroup2_mount_point()?;
     let own = ebpf::own_cgroup()?;
@@ -70,17 +64,17 @@ fn configure(args: RunArgs) -> anyhow::Result<Config> {
     Ok(args.into_config(pods_root, own, host)?)
 }
 
-fn run(cfg: Config) -> anyhow::Result<()> {
+fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
     let open_files = raise_open_files_limit();
     info!(open_files, "open-files limit");
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?
-        .block_on(serve(Arc::new(cfg)))
+        .block_on(serve(Arc::new(cfg), log))
 }
 
-async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
+async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
     // Listeners first: with pins from a previous agent, capture is already live and every
     // moment without a listener is a refused connection.
     let listeners = cfg
@@ -103,6 +97,12 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
     let admin_listener = TcpListener::bind(cfg.admin_addr)
         .await
         .with_context(|| format!("binding the admin API on {} (--admin-addr)", cfg.admin_addr))?;
+    let admin_socket = admin::bind_socket(&cfg.admin_socket).with_context(|| {
+        format!(
+            "binding the admin API on {} (--admin-socket)",
+            cfg.admin_socket.display()
+        )
+    })?;
     let ca_file = &cfg.controller.ca_file;
     let roots = std::fs::read(ca_file)
         .with_context(|| format!("reading --controller-ca {}", ca_file.display()))
@@ -112,6 +112,7 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
     let stop = CancellationToken::new();
     let tracker = TaskTracker::new();
     let metrics = Arc::new(Metrics::new().context("registering the metrics")?);
+    let connections = Connections::new(metrics.clone(), AccessLog::new(cfg.access_log_sample_rate));
     let (control, config) = ControlClient::new(cfg.controller.clone());
     let certs = CertStore::new();
     let roots_der = roots.clone();
@@ -127,13 +128,6 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
         )),
         tokio::spawn(health::serve(health_listener, readiness.clone(), stop.clone())),
         tokio::spawn(httpd::serve(
-            "admin",
-            admin_listener,
-            true,
-            admin::Admin { certs }.router(),
-            stop.clone(),
-        )),
-        tokio::spawn(httpd::serve(
             "metrics",
             metrics_listener,
             false,
@@ -144,6 +138,35 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
 
     let mut datapath = ebpf::Datapath::start(&cfg.datapath)?;
     datapath.set_marks(cfg.capture.marks)?;
+    let datapath = Arc::new(Mutex::new(datapath));
+    let (report_tx, report) = watch::channel(Arc::new(enrollment::Report::default()));
+    let admin = admin::Admin {
+        node: cfg.node_name.clone(),
+        controller: control::display_target(&cfg.controller.target).to_string(),
+        started: Instant::now(),
+        config: config.clone(),
+        readiness: readiness.clone(),
+        certs: certs.clone(),
+        connections: connections.clone(),
+        datapath: datapath.clone(),
+        kernel: report,
+        log,
+    };
+    let router = admin.router();
+    tasks.push(tokio::spawn(httpd::serve(
+        "admin",
+        admin_listener,
+        true,
+        router.clone(),
+        stop.clone(),
+    )));
+    tasks.push(tokio::spawn(httpd::serve_unix(
+        "admin",
+        admin_socket,
+        router,
+        stop.clone(),
+    )));
+    metrics::observe_node(&metrics, datapath.clone(), certs.clone());
     let node_ips: Vec<IpAddr> = [
         cfg.datapath.proxy_ipv4.map(IpAddr::from),
         cfg.datapath.proxy_ipv6.map(IpAddr::from),
@@ -164,9 +187,10 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     readiness.set_capture_active(true);
+    let reused_pins = datapath.lock().map(|d| d.reused_pins()).unwrap_or_default();
     info!(
         node = %cfg.node_name,
-        reused_pins = datapath.reused_pins(),
+        reused_pins,
         pods_cgroup = %cfg.datapath.pods_cgroup.display(),
         "capture active"
     );
@@ -178,17 +202,25 @@ async fn serve(cfg: Arc<Config>) -> anyhow::Result<()> {
             routing,
         },
         cfg.reconcile_interval,
+        report_tx,
         stop.clone(),
     )));
     let tls = tls::ConfigCache::new(tls::roots_from_der(&roots_der)?, cfg.trust_domain.clone());
+    let pool = Pool::new(PoolConfig::default());
+    let observed = pool.clone();
+    metrics.on_scrape(move |m| {
+        let s = observed.stats();
+        m.pool_connections.set(s.connections as i64);
+        m.pool_streams.set(s.active_streams as i64);
+    });
     let mesh = Arc::new(Mesh::new(
         config.clone(),
         certs_for_proxy,
         tls,
-        Pool::new(PoolConfig::default()),
+        pool,
         cfg.capture.marks.proxy,
         cfg.connect_timeout,
-        metrics,
+        connections,
     ));
     let (out_cfg, out_mesh) = (cfg.clone(), mesh.clone());
     tasks.push(tokio::spawn(proxy::serve(

@@ -1,19 +1,10 @@
 //! `GET /v1/certs`: the certificates this node holds for its pods' identities.
 use std::time::SystemTime;
 
-use serde::Serialize;
+use mesh_api::admin::CertInfo;
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::identity::CertStore;
-
-#[derive(Serialize)]
-pub struct CertInfo {
-    identity: String,
-    serial: String,
-    not_before: String,
-    not_after: String,
-    /// The chain, leaf first, in PEM.
-    chain_pem: String,
-}
 
 pub fn list(store: &CertStore) -> Vec<CertInfo> {
     store
@@ -22,6 +13,12 @@ pub fn list(store: &CertStore) -> Vec<CertInfo> {
         .map(|svid| CertInfo {
             identity: svid.identity().to_string(),
             serial: svid.serial().to_owned(),
+            issuer: svid
+                .chain()
+                .first()
+                .and_then(|leaf| X509Certificate::from_der(leaf).ok())
+                .map(|(_, c)| c.issuer().to_string())
+                .unwrap_or_default(),
             not_before: rfc3339(svid.not_before()),
             not_after: rfc3339(svid.not_after()),
             chain_pem: svid
@@ -33,6 +30,6 @@ pub fn list(store: &CertStore) -> Vec<CertInfo> {
         .collect()
 }
 
-fn rfc3339(t: SystemTime) -> String {
+pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }

@@ -212,6 +212,11 @@ impl Maps {
             .collect()
     }
 
+    /// Entries of the tuple→original-destination map (an LRU: full is normal under load).
+    pub(crate) fn tuple_dst_len(&self) -> usize {
+        self.tuple_dst.keys().filter(Result::is_ok).count()
+    }
+
     pub(crate) fn original_dst(
         &self,
         peer: SocketAddr,

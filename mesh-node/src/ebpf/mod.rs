@@ -27,6 +27,7 @@
 mod attach;
 mod cgroup;
 mod error;
+mod inspect;
 mod maps;
 mod pins;
 mod preflight;
@@ -44,6 +45,7 @@ use tracing::{debug, info, warn};
 
 pub use cgroup::{cgroup2_mount_point, cgroup_id, own_cgroup};
 pub use error::EbpfError;
+pub use inspect::{MapFill, ProgramLink};
 pub use mesh_common::{ProxyConfig, TcConfig, COUNTER_NAMES};
 pub use preflight::preflight;
 

@@ -113,7 +113,7 @@ impl Prog {
         }
     }
 
-    fn link_stem(self) -> &'static str {
+    pub(crate) fn link_stem(self) -> &'static str {
         match self {
             Prog::Connect4 => "link_connect4",
             Prog::Connect6 => "link_connect6",

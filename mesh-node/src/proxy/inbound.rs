@@ -7,6 +7,7 @@ use std::io;
 use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use mesh_api::Identity;
 use tokio::net::TcpStream;
@@ -16,6 +17,8 @@ use tracing::{debug, info, info_span, Instrument};
 use super::hbone::{self, Deny, Handler, Request, ServerSettings};
 use super::mesh::Mesh;
 use super::upstream::connect_marked;
+use crate::connections::{ConnMeta, Counted, Direction, Orientation};
+use crate::metrics::labels::{Peer, Reporter, ResponseFlags};
 use crate::policy::Decision;
 
 pub async fn handle(mesh: Arc<Mesh>, conn: TcpStream, peer: SocketAddr, stop: CancellationToken) {
@@ -56,13 +59,43 @@ struct Inbound {
     mesh: Arc<Mesh>,
 }
 
+impl Inbound {
+    /// The record of a tunnelled connection: the source as its certificate and forwarded
+    /// address name it, the destination the local pod.
+    fn meta(&self, req: &Request) -> ConnMeta {
+        let state = self.mesh.config.state();
+        let source = req
+            .forwarded_for
+            .and_then(|a| state.workload_by_ip(a.ip()))
+            .filter(|w| w.identity.to_string() == req.source_identity)
+            .map_or_else(|| Peer::principal_only(&req.source_identity), Peer::of);
+        let destination =
+            Mesh::local_workload(&state, req.dst.ip()).map_or_else(Peer::unknown, |w| Peer::of(&w));
+        ConnMeta {
+            direction: Direction::Inbound,
+            route: "hbone",
+            src_addr: req.forwarded_for.unwrap_or(req.local_addr),
+            dst_addr: req.dst,
+            source,
+            destination,
+            service: None,
+            reporters: &[Reporter::Destination],
+        }
+    }
+}
+
 impl Handler for Inbound {
-    type Upstream = TcpStream;
+    type Upstream = Counted<TcpStream>;
 
     fn authorize(&self, req: &Request) -> Result<(), Deny> {
         let state = self.mesh.config.state();
-        let deny = |policy: &str| Deny {
-            policy: policy.to_owned(),
+        let deny = |policy: &str| {
+            let error = format!("denied by policy {policy}");
+            let meta = self.meta(req);
+            self.mesh.connections.failed(&meta, ResponseFlags::Denied, &error);
+            Deny {
+                policy: policy.to_owned(),
+            }
         };
         let source = Identity::from_str(&req.source_identity).map_err(|_| deny("invalid-source-identity"))?;
         let dst = Mesh::local_workload(&state, req.dst.ip()).ok_or_else(|| deny("not-a-local-pod"))?;
@@ -83,8 +116,26 @@ impl Handler for Inbound {
             .inc();
     }
 
-    fn connect(&self, req: &Request) -> impl Future<Output = io::Result<TcpStream>> + Send {
+    fn connect(&self, req: &Request) -> impl Future<Output = io::Result<Self::Upstream>> + Send {
         let (dst, mark) = (req.dst, self.mesh.proxy_mark);
-        async move { connect_marked(dst, mark).await }
+        let meta = self.meta(req);
+        let connections = self.mesh.connections.clone();
+        async move {
+            match connect_marked(dst, mark).await {
+                Ok(s) => Ok(Counted::new(
+                    s,
+                    connections.open(meta),
+                    Orientation::FacesDestination,
+                )),
+                Err(e) => {
+                    connections.failed(&meta, ResponseFlags::ConnectFailed, &e.to_string());
+                    Err(e)
+                }
+            }
+        }
+    }
+
+    fn handshake(&self, result: Result<Duration, &'static str>) {
+        self.mesh.metrics.handshake("server", result);
     }
 }

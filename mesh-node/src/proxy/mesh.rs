@@ -8,6 +8,7 @@ use std::time::Duration;
 use mesh_api::{Identity, Workload};
 
 use super::hbone::Pool;
+use crate::connections::Connections;
 use crate::control::{ControlHandle, NodeState};
 use crate::identity::CertStore;
 use crate::metrics::Metrics;
@@ -23,6 +24,8 @@ pub struct Mesh {
     pub proxy_mark: u32,
     pub connect_timeout: Duration,
     pub metrics: Arc<Metrics>,
+    /// The live connections and their telemetry.
+    pub connections: Connections,
     round_robin: AtomicUsize,
 }
 
@@ -34,8 +37,11 @@ impl Mesh {
         pool: Pool,
         proxy_mark: u32,
         connect_timeout: Duration,
-        metrics: Arc<Metrics>,
+        connections: Connections,
     ) -> Self {
+        let metrics = connections.metrics().clone();
+        let observer = metrics.clone();
+        pool.observe_dials(Box::new(move |r| observer.handshake("client", r)));
         Mesh {
             config,
             certs,
@@ -44,6 +50,7 @@ impl Mesh {
             proxy_mark,
             connect_timeout,
             metrics,
+            connections,
             round_robin: AtomicUsize::new(0),
         }
     }

@@ -5,18 +5,21 @@ use std::io;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use mesh_api::Identity;
+use mesh_api::{Identity, Workload};
 use socket2::SockRef;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info, info_span, Instrument};
 
-use super::hbone::{PoolKey, HBONE_PORT};
+use super::hbone::{HboneError, PoolKey, HBONE_PORT};
 use super::mesh::Mesh;
 use super::orig_dst::original_dst;
 use super::route::{self, Route};
 use super::upstream::connect_marked;
 use crate::config::Config;
+use crate::connections::{ConnMeta, Counted, Direction, Orientation};
 use crate::control::NodeState;
+use crate::metrics::labels::{Peer, Reporter, ResponseFlags};
 use crate::policy::Decision;
 use crate::tls::{self, TlsError};
 
@@ -51,28 +54,50 @@ pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: 
             Route::Hbone { local: false, .. } => "hbone",
         };
         mesh.metrics.outbound.with_label_values(&[label]).inc();
+        let source = Mesh::local_workload(&state, peer.ip());
+        let mut meta = ConnMeta {
+            direction: Direction::Outbound,
+            route: label,
+            src_addr: peer,
+            dst_addr: dst,
+            source: source.as_ref().map_or_else(Peer::unknown, Peer::of),
+            destination: Peer::unknown(),
+            service: None,
+            reporters: &[Reporter::Source],
+        };
         let result = match route {
-            Route::Passthrough { dst, .. } => passthrough(&cfg, client, dst).await,
+            Route::Passthrough { dst, service, .. } => {
+                meta.service = service.map(|s| s.to_string());
+                passthrough(&cfg, &mesh, client, meta, dst).await
+            }
             Route::NoEndpoint { service } => {
-                reset(&client);
-                Err(io::Error::other(format!(
-                    "service {service} has no ready endpoint"
-                )))
+                meta.service = Some(service.to_string());
+                let error = format!("service {service} has no ready endpoint");
+                Err(fail(&mesh, &client, &meta, ResponseFlags::NoEndpoint, error))
             }
             Route::Hbone {
                 dst: target,
                 identity,
                 local,
                 workload_uid,
-                ..
+                service,
             } => {
-                let to = Destination {
-                    target,
-                    identity,
-                    local,
-                    uid: workload_uid,
-                };
-                via_mesh(&mesh, &state, client, peer, to).await
+                meta.dst_addr = target;
+                meta.service = service.map(|s| s.to_string());
+                meta.destination = state
+                    .workload(&workload_uid)
+                    .map_or_else(|| Peer::principal_only(&identity.to_string()), Peer::of);
+                if local {
+                    meta.reporters = &[Reporter::Source, Reporter::Destination];
+                }
+                match source {
+                    None => {
+                        let error = "the source is not an enrolled pod of this node";
+                        Err(fail(&mesh, &client, &meta, ResponseFlags::HboneFailed, error))
+                    }
+                    Some(src) if local => to_local(&mesh, &state, client, &src, meta, &workload_uid).await,
+                    Some(src) => via_hbone(&mesh, client, &src.identity, meta, identity).await,
+                }
             }
         };
         match result {
@@ -84,72 +109,97 @@ pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: 
     .await
 }
 
-/// A mesh destination: the pod's address and port, its identity, whether it is on this node.
-struct Destination {
-    target: SocketAddr,
-    identity: Identity,
-    local: bool,
-    uid: String,
-}
-
-async fn via_mesh(
+/// Same node: nothing crosses a wire, so no TLS; policy still decides.
+async fn to_local(
     mesh: &Mesh,
     state: &NodeState,
-    mut client: TcpStream,
-    peer: SocketAddr,
-    to: Destination,
+    client: TcpStream,
+    src: &Workload,
+    meta: ConnMeta,
+    uid: &str,
 ) -> io::Result<(u64, u64)> {
-    let Some(src) = Mesh::local_workload(state, peer.ip()) else {
-        reset(&client);
-        return Err(io::Error::other("the source is not an enrolled pod of this node"));
+    let Some(dst) = state.workload(uid) else {
+        let error = "destination workload vanished";
+        return Err(fail(mesh, &client, &meta, ResponseFlags::ConnectFailed, error));
     };
-    if to.local {
-        // Same node: nothing crosses a wire, so no TLS; policy still decides.
-        let Some(dst) = state.workload(&to.uid) else {
-            reset(&client);
-            return Err(io::Error::other("destination workload vanished"));
-        };
-        if let Decision::Deny { policy } = mesh.authorize(state, dst, &src.identity, to.target.port()) {
-            info!(src = %src.identity, dst = %to.target, %policy, "denied by policy");
-            reset(&client);
-            return Err(io::Error::new(io::ErrorKind::PermissionDenied, policy));
-        }
-        let mut upstream = match connect(mesh, to.target).await {
-            Ok(s) => s,
-            Err(e) => {
-                reset(&client);
-                return Err(e);
-            }
-        };
-        return copy(&mut client, &mut upstream).await;
+    let target = meta.dst_addr;
+    if let Decision::Deny { policy } = mesh.authorize(state, dst, &src.identity, target.port()) {
+        info!(src = %src.identity, dst = %target, %policy, "denied by policy");
+        let error = format!("denied by policy {policy}");
+        return Err(fail(mesh, &client, &meta, ResponseFlags::Denied, error));
     }
-    let dst_identity = to.identity.to_string();
+    match connect(mesh, target).await {
+        Ok(upstream) => carry(mesh, client, meta, upstream).await,
+        Err(e) => Err(fail(
+            mesh,
+            &client,
+            &meta,
+            ResponseFlags::ConnectFailed,
+            e.to_string(),
+        )),
+    }
+}
+
+async fn via_hbone(
+    mesh: &Mesh,
+    client: TcpStream,
+    src: &Identity,
+    meta: ConnMeta,
+    dst_identity: Identity,
+) -> io::Result<(u64, u64)> {
+    let dst_identity = dst_identity.to_string();
     let key = PoolKey {
-        src_identity: src.identity.to_string(),
+        src_identity: src.to_string(),
         dst_identity: dst_identity.clone(),
-        dst: SocketAddr::new(to.target.ip(), HBONE_PORT),
+        dst: SocketAddr::new(meta.dst_addr.ip(), HBONE_PORT),
     };
-    match mesh
+    let stream = mesh
         .pool
         .connect(
             &key,
-            || dial_config(mesh, &src.identity, &dst_identity),
-            to.target,
-            peer,
+            || dial_config(mesh, src, &dst_identity),
+            meta.dst_addr,
+            meta.src_addr,
         )
-        .await
-    {
-        Ok(mut stream) => copy(&mut client, &mut stream).await,
+        .await;
+    match stream {
+        Ok(stream) => carry(mesh, client, meta, stream).await,
         Err(e) => {
             // Denied, refused or unreachable: the app sees its connection reset at once.
-            reset(&client);
-            Err(io::Error::other(format!(
-                "HBONE to {} ({}): {e}",
-                to.target,
-                e.reason()
-            )))
+            let flags = match e {
+                HboneError::Denied { .. } => ResponseFlags::Denied,
+                HboneError::UpstreamRefused { .. } => ResponseFlags::ConnectFailed,
+                _ => ResponseFlags::HboneFailed,
+            };
+            let error = format!("HBONE to {} ({}): {e}", meta.dst_addr, e.reason());
+            Err(fail(mesh, &client, &meta, flags, error))
         }
     }
+}
+
+/// Copies between the client and its upstream, counted, until both sides are done.
+async fn carry<U>(mesh: &Mesh, client: TcpStream, meta: ConnMeta, mut upstream: U) -> io::Result<(u64, u64)>
+where
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut client = Counted::new(client, mesh.connections.open(meta), Orientation::FacesSource);
+    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await
+}
+
+/// Records a connection that could not be carried and resets the client: it already holds an
+/// established connection to us, and a reset is the closest we can come to the refusal it
+/// would have seen without the mesh.
+fn fail(
+    mesh: &Mesh,
+    client: &TcpStream,
+    meta: &ConnMeta,
+    flags: ResponseFlags,
+    error: impl Into<String>,
+) -> io::Error {
+    let error = error.into();
+    reset(client);
+    mesh.connections.failed(meta, flags, &error);
+    io::Error::other(error)
 }
 
 /// The TLS config for a new HBONE connection. The pool asks only when it must dial, so a warm
@@ -161,37 +211,37 @@ fn dial_config(mesh: &Mesh, src: &Identity, dst_identity: &str) -> Result<Arc<tl
     mesh.tls.client(&svid, dst_identity)
 }
 
-async fn passthrough(cfg: &Config, mut client: TcpStream, dst: SocketAddr) -> io::Result<(u64, u64)> {
-    let connect = tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(dst)).await;
-    let mut upstream = match connect {
+async fn passthrough(
+    cfg: &Config,
+    mesh: &Mesh,
+    client: TcpStream,
+    meta: ConnMeta,
+    dst: SocketAddr,
+) -> io::Result<(u64, u64)> {
+    let upstream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(dst)).await {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
-            // The client already holds an established connection to us; a reset is the
-            // closest we can come to the refusal it would have seen without the mesh.
-            reset(&client);
-            return Err(e);
+            return Err(fail(
+                mesh,
+                &client,
+                &meta,
+                ResponseFlags::ConnectFailed,
+                e.to_string(),
+            ))
         }
         Err(_) => {
-            reset(&client);
-            return Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out"));
+            let error = "connect timed out";
+            return Err(fail(mesh, &client, &meta, ResponseFlags::ConnectFailed, error));
         }
     };
     let _ = upstream.set_nodelay(true);
-    copy(&mut client, &mut upstream).await
+    carry(mesh, client, meta, upstream).await
 }
 
 async fn connect(mesh: &Mesh, dst: SocketAddr) -> io::Result<TcpStream> {
     tokio::time::timeout(mesh.connect_timeout, connect_marked(dst, mesh.proxy_mark))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
-}
-
-async fn copy<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + ?Sized,
-{
-    tokio::io::copy_bidirectional_with_sizes(a, b, COPY_BUFFER, COPY_BUFFER).await
 }
 
 fn is_own_listener(cfg: &Config, dst: SocketAddr) -> bool {

@@ -99,9 +99,14 @@ pub struct Pool {
     inner: Arc<Inner>,
 }
 
+/// Told of every dial: how long the connection took to set up (TCP, mTLS, HTTP/2), or the
+/// short reason it failed.
+pub type DialObserver = Box<dyn Fn(Result<Duration, &'static str>) + Send + Sync>;
+
 struct Inner {
     cfg: PoolConfig,
     dialer: Dialer,
+    observer: OnceLock<DialObserver>,
     state: Mutex<HashMap<PoolKey, Entry>>,
     next_id: AtomicU64,
     dials: AtomicU64,
@@ -310,11 +315,17 @@ impl Pool {
             inner: Arc::new(Inner {
                 cfg,
                 dialer,
+                observer: OnceLock::new(),
                 state: Mutex::new(HashMap::new()),
                 next_id: AtomicU64::new(1),
                 dials: AtomicU64::new(0),
             }),
         }
+    }
+
+    /// Sets the dial observer (metrics); only the first call takes effect.
+    pub fn observe_dials(&self, observer: DialObserver) {
+        let _ = self.inner.observer.set(observer);
     }
 
     pub fn config(&self) -> &PoolConfig {
@@ -531,10 +542,18 @@ async fn dial(
     tx: watch::Sender<DialOutcome>,
 ) {
     let timeout = inner.cfg.connect_timeout;
+    let started = Instant::now();
     let res = match tokio::time::timeout(timeout, establish(&inner, &key, config)).await {
         Ok(r) => r,
         Err(_) => Err(HboneError::Timeout("dialling the HBONE peer")),
     };
+    if let Some(observe) = inner.observer.get() {
+        observe(
+            res.as_ref()
+                .map(|_| started.elapsed())
+                .map_err(HboneError::reason),
+        );
+    }
     if let Err(e) = &res {
         debug!(dst = %key.dst, dst_identity = %key.dst_identity, error = %e, "HBONE dial failed");
     }

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::pin::{pin, Pin};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Method, StatusCode};
@@ -63,6 +63,10 @@ pub trait Handler: Send + Sync + 'static {
     /// Called when a stream is answered 400 before it reaches the handler (not a CONNECT, or a
     /// bad `:authority`), with a short reason, for metrics.
     fn bad_request(&self, _reason: &'static str) {}
+
+    /// Called once per accepted connection with how long the mTLS handshake took, or the
+    /// reason it failed, for metrics.
+    fn handshake(&self, _result: Result<Duration, &'static str>) {}
 }
 
 /// Limits and knobs of the HBONE server.
@@ -108,10 +112,18 @@ pub async fn serve_tls<H: Handler>(
 ) -> Result<(), HboneError> {
     let local_addr = tcp.local_addr().map_err(|e| HboneError::Io(Arc::new(e)))?;
     let _ = tcp.set_nodelay(true);
+    let started = Instant::now();
     let accepted = tokio::select! {
-        r = tls::accept(tcp, tls, settings.tls_handshake_timeout) => r?,
+        r = tls::accept(tcp, tls, settings.tls_handshake_timeout) => r,
         _ = shutdown.cancelled() => return Ok(()),
     };
+    handler.handshake(
+        accepted
+            .as_ref()
+            .map(|_| started.elapsed())
+            .map_err(|e| e.reason()),
+    );
+    let accepted = accepted?;
     let (stream, peer) = accepted;
     serve_connection(stream, peer, local_addr, handler, settings, shutdown).await
 }
