@@ -1,5 +1,6 @@
 //! The real `mesh-node` agent on a harness node: its process, its logs, its admin API and its
 //! pinned maps as the kernel holds them.
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -45,6 +46,16 @@ impl Agent {
         self.token_file = path;
     }
 
+    /// The agent's admin Unix socket, in the controller's directory (the cluster's own).
+    pub fn admin_socket(&self) -> PathBuf {
+        let dir = self
+            .token_file
+            .parent()
+            .and_then(Path::parent)
+            .unwrap_or(Path::new("/tmp"));
+        dir.join(format!("admin-{}.sock", self.node.name))
+    }
+
     /// The command line of this node's agent.
     pub fn command(&self) -> Result<Command> {
         self.command_with(&self.node.pin_dir, &self.node.pods_cgroup)
@@ -68,6 +79,8 @@ impl Agent {
             .arg(&self.root_ca)
             .arg("--controller-token-file")
             .arg(&self.token_file)
+            .arg("--admin-socket")
+            .arg(self.admin_socket())
             .args(["--reconcile-interval", "100ms", "--log-format", "json"])
             .args(["--log", "info,mesh_node=debug"])
             .args(&self.extra_args);
@@ -187,6 +200,55 @@ impl Agent {
         }
     }
 
+    /// Every sample of metric `name` on the agent's :15020/metrics, with its labels.
+    pub fn samples(&self, cluster: &Cluster, name: &str) -> Result<Vec<Sample>> {
+        let out = cluster
+            .exec_on_node(&self.node, curl("http://127.0.0.1:15020/metrics"))?
+            .success()?;
+        out.stdout
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter(|l| {
+                l.strip_prefix(name)
+                    .is_some_and(|r| r.starts_with('{') || r.starts_with(' '))
+            })
+            .map(parse_sample)
+            .collect()
+    }
+
+    /// The sum of metric `name` over the samples whose labels include all of `labels`.
+    pub fn metric_sum(&self, cluster: &Cluster, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        Ok(self
+            .samples(cluster, name)?
+            .iter()
+            .filter(|s| {
+                labels
+                    .iter()
+                    .all(|(k, v)| s.labels.get(*k).map(String::as_str) == Some(*v))
+            })
+            .map(|s| s.value)
+            .sum())
+    }
+
+    /// The admin API over the agent's Unix socket: `GET path` (or `PUT` with `body`).
+    pub fn admin_unix(
+        &self,
+        cluster: &Cluster,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Result<Value> {
+        let mut cmd = curl(&format!("http://localhost{path}"));
+        cmd.arg("--unix-socket")
+            .arg(self.admin_socket())
+            .args(["-X", method]);
+        if let Some(body) = body {
+            cmd.args(["-H", "content-type: application/json", "--data", body]);
+        }
+        let out = cluster.exec_on_node(&self.node, cmd)?.success()?;
+        serde_json::from_str(&out.stdout).with_context(|| format!("admin {method} {path}: {}", out.stdout))
+    }
+
     /// The readiness probe's answer: (HTTP status, body).
     pub fn readiness(&self, cluster: &Cluster) -> Result<(u16, String)> {
         let mut cmd = curl("http://127.0.0.1:15021/healthz/ready");
@@ -216,6 +278,33 @@ fn curl(url: &str) -> Command {
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "--max-time", "10", url]);
     cmd
+}
+
+/// One Prometheus sample.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// `name{k="v",...} value` (label values in our metrics hold no `",`: names and identities).
+fn parse_sample(line: &str) -> Result<Sample> {
+    let (head, value) = line
+        .rsplit_once(' ')
+        .with_context(|| format!("sample line {line:?}"))?;
+    let mut labels = BTreeMap::new();
+    if let Some((_, rest)) = head.split_once('{') {
+        for pair in rest.trim_end_matches('}').split("\",").filter(|p| !p.is_empty()) {
+            let (k, v) = pair
+                .split_once("=\"")
+                .with_context(|| format!("label {pair:?} in {line:?}"))?;
+            labels.insert(k.to_owned(), v.trim_end_matches('"').to_owned());
+        }
+    }
+    Ok(Sample {
+        labels,
+        value: value.parse().with_context(|| format!("value in {line:?}"))?,
+    })
 }
 
 /// The `message` of a JSON log line.
