@@ -200,6 +200,41 @@ impl Agent {
         }
     }
 
+    /// Waits until every enrolled pod of this node is captured by the kernel and has its
+    /// certificate: from then on its connections go through the mesh, not around it.
+    pub fn wait_meshed(&self, cluster: &Cluster) -> Result<()> {
+        wait_until(
+            WAIT,
+            &format!("the enrolled pods of {} to be meshed", self.node.name),
+            || {
+                let workloads = self
+                    .admin_get(cluster, "/v1/workloads")
+                    .map_err(|e| format!("{e:#}"))?;
+                let certs = self
+                    .admin_get(cluster, "/v1/certs")
+                    .map_err(|e| format!("{e:#}"))?;
+                let has_cert = |id: &Value| {
+                    certs
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|c| &c["identity"] == id)
+                };
+                let waiting: Vec<&Value> = workloads
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter(|w| w["enrolled"] == true && (w["captured"] != true || !has_cert(&w["identity"])))
+                    .collect();
+                if waiting.is_empty() {
+                    Ok(())
+                } else {
+                    Err(format!("not yet: {waiting:?}"))
+                }
+            },
+        )
+    }
+
     /// Every sample of metric `name` on the agent's :15020/metrics, with its labels.
     pub fn samples(&self, cluster: &Cluster, name: &str) -> Result<Vec<Sample>> {
         let out = cluster

@@ -49,6 +49,9 @@ pub fn client(cluster: &Cluster, pod: &Pod, dst: SocketAddr, bytes: usize) -> Re
         &dst.to_string(),
         "--bytes",
         &bytes.to_string(),
+        // A bound on the whole exchange, generous for big transfers on a busy machine.
+        "--timeout-ms",
+        &(10_000 + bytes / 2_000).to_string(),
     ]);
     let out = cluster.exec_in_pod(pod, cmd)?;
     let report: ClientReport = serde_json::from_str(out.stdout.trim())

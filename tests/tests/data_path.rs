@@ -90,6 +90,9 @@ impl World {
     /// Waits until the client's connection to `dst` is served end to end (config, certificates
     /// and inbound capture are in place on both nodes).
     fn wait_path(&self, dst: SocketAddr) -> Result<()> {
+        for agent in &self.agents {
+            agent.wait_meshed(&self.cluster)?;
+        }
         wait_until(WAIT, &format!("a working mesh path client → {dst}"), || {
             client(&self.cluster, &self.client, dst, 1024)
                 .map(|_| ())

@@ -64,6 +64,9 @@ fn world(name: &str, agent_args: &[&str], extra: &str) -> Result<World> {
 
 impl World {
     fn wait_path(&self, dst: SocketAddr) -> Result<()> {
+        for agent in &self.agents {
+            agent.wait_meshed(&self.cluster)?;
+        }
         wait_until(WAIT, &format!("a working mesh path client → {dst}"), || {
             client(&self.cluster, &self.client, dst, 1024)
                 .map(|_| ())
