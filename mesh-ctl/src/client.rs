@@ -19,7 +19,7 @@ use tokio::net::{TcpStream, UnixStream};
 use crate::error::Error;
 
 /// Admin answers are small documents; anything much larger is not one.
-const MAX_BODY: usize = 32 << 20;
+const MAX_BODY: usize = 64 << 20;
 
 /// Where a node's admin API listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,10 +47,19 @@ pub fn parse_node_addr(value: &str) -> Result<String, String> {
     if host.is_empty() {
         return Err(format!("{value:?} has no host (e.g. 127.0.0.1:15000)"));
     }
-    if host.contains(':') && !(host.starts_with('[') && host.ends_with(']')) {
+    if let Some(v6) = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')) {
+        if v6.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!("{value:?}: {v6:?} is not an IPv6 address"));
+        }
+    } else if host.contains(':') {
         return Err(format!(
             "{value:?}: write an IPv6 address in brackets, as in [::1]:15000"
         ));
+    } else if !host
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b'_')
+    {
+        return Err(format!("{value:?}: {host:?} is not a host name or address"));
     }
     match port.parse::<u16>() {
         Ok(p) if p > 0 => Ok(value.to_owned()),
@@ -111,7 +120,8 @@ impl Client {
     }
 
     pub async fn put<B: Serialize, T: DeserializeOwned>(&self, path: &str, body: &B) -> Result<T, Error> {
-        let json = serde_json::to_vec(body).map_err(|e| Error::Output(e.to_string()))?;
+        let json =
+            serde_json::to_vec(body).map_err(|e| Error::Local(format!("encoding the request: {e}")))?;
         let answer = self.request(Method::PUT, path, Some(json)).await?;
         self.decode(path, &answer)
     }
@@ -194,7 +204,7 @@ impl Client {
         }
         let request = request
             .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| Error::Output(format!("building the request: {e}")))?;
+            .map_err(|e| self.unreachable(format!("cannot address a request to it: {e}")))?;
         let response = sender.send_request(request).await.map_err(broken)?;
         let (parts, incoming) = response.into_parts();
         let target = self.target.to_string();
@@ -283,6 +293,9 @@ mod tests {
             "host:0",
             "host:http",
             "host:70000",
+            "[nope]:15000",
+            "a b:15000",
+            "a/b:15000",
         ] {
             assert!(parse_node_addr(bad).is_err(), "{bad}");
         }

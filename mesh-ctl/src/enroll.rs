@@ -8,6 +8,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams};
@@ -131,7 +132,7 @@ pub async fn kube_client(context: Option<&str>) -> Result<kube::Client, EnrollEr
     // kube asks rustls for the process's crypto provider, and a workspace build may compile
     // in more than one, leaving none chosen.
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let config = match context {
+    let mut config = match context {
         Some(context) => {
             let options = kube::config::KubeConfigOptions {
                 context: Some(context.to_owned()),
@@ -145,6 +146,9 @@ pub async fn kube_client(context: Option<&str>) -> Result<kube::Client, EnrollEr
             .await
             .map_err(|e| EnrollError::KubeConfig(e.to_string()))?,
     };
+    // An operator waits at the prompt: fail in seconds, not after kube's long defaults.
+    config.connect_timeout = Some(Duration::from_secs(10));
+    config.read_timeout = Some(Duration::from_secs(30));
     kube::Client::try_from(config).map_err(|e| EnrollError::KubeConfig(e.to_string()))
 }
 

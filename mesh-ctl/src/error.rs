@@ -60,8 +60,9 @@ pub enum Error {
     #[error(transparent)]
     Enroll(#[from] EnrollError),
 
-    #[error("writing the output: {0}")]
-    Output(String),
+    /// Something failed on this side (encoding a request, writing the output).
+    #[error("{0}")]
+    Local(String),
 
     #[error("{}: {source}", path.display())]
     Io { path: PathBuf, source: std::io::Error },
@@ -78,7 +79,7 @@ impl Error {
             Error::NodeAnswered { .. } | Error::BadAnswer { .. } => exit::NODE_ERROR,
             Error::CheckFailed { .. }
             | Error::Enroll(_)
-            | Error::Output(_)
+            | Error::Local(_)
             | Error::Io { .. }
             | Error::Runtime(_) => exit::FAILED,
         }
@@ -135,7 +136,7 @@ mod tests {
                 5,
             ),
             (Error::CheckFailed { failed: 1, total: 5 }, 1),
-            (Error::Output("broken pipe".into()), 1),
+            (Error::Local("writing the output: no space left".into()), 1),
         ];
         for (error, code) in cases {
             assert_eq!(error.exit_code(), code, "{error}");

@@ -21,7 +21,8 @@ const MAX_ENDPOINTS: usize = 4;
 pub enum NodeCommand {
     /// Who the node is, whether it is ready, its config and controller.
     Status,
-    /// The pods on the node: enrolled by their namespace, captured by the kernel.
+    /// The pods on the node: enrolled by their namespace (ENROLLED shows the mTLS mode), and
+    /// captured by the kernel.
     Workloads,
     /// The services the node routes to, with their ready endpoints.
     Services,
@@ -29,7 +30,7 @@ pub enum NodeCommand {
     Policies,
     /// The certificates the node holds for its pods' identities.
     Certs,
-    /// The connections the proxy carries now.
+    /// The connections the proxy carries now (SENT: bytes from the source, RECV: back to it).
     Connections,
     /// The kernel side: attached programs, maps and their fill, counters.
     Bpf,

@@ -3,6 +3,7 @@
 mod common;
 
 use common::{meshctl, meshctl_with, one_line};
+use mesh_ctl::exit;
 
 #[test]
 fn check_passes_on_this_machine() {
@@ -129,7 +130,7 @@ fn a_missing_socket_is_unreachable() {
 #[test]
 fn a_malformed_address_is_a_usage_error() {
     let out = meshctl(&["node", "status", "--node", "node-a"]);
-    assert_eq!(out.code, 2, "{out:?}");
+    assert_eq!(out.code, i32::from(exit::USAGE), "{out:?}");
     assert!(out.stderr.contains("is not HOST:PORT"), "{out:?}");
     assert!(!out.stderr.contains("panicked"), "{out:?}");
 }

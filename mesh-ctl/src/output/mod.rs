@@ -46,8 +46,10 @@ pub fn render<T: Serialize + ?Sized>(
         Format::Table => Ok(table(value)),
         Format::Json => serde_json::to_string_pretty(value)
             .map(|s| s + "\n")
-            .map_err(|e| Error::Output(e.to_string())),
-        Format::Yaml => serde_norway::to_string(value).map_err(|e| Error::Output(e.to_string())),
+            .map_err(|e| Error::Local(format!("encoding JSON: {e}"))),
+        Format::Yaml => {
+            serde_norway::to_string(value).map_err(|e| Error::Local(format!("encoding YAML: {e}")))
+        }
     }
 }
 
@@ -57,6 +59,6 @@ pub fn print(text: &str) -> Result<(), Error> {
     let mut out = std::io::stdout().lock();
     match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
         Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        other => other.map_err(|e| Error::Output(e.to_string())),
+        other => other.map_err(|e| Error::Local(format!("writing the output: {e}"))),
     }
 }
