@@ -34,9 +34,6 @@ pub struct Cli {
     #[arg(short, long, global = true, value_enum, default_value = "table")]
     pub output: Format,
 
-    #[command(flatten)]
-    pub node: NodeArgs,
-
     #[command(subcommand)]
     pub command: Command,
 }
@@ -80,11 +77,17 @@ impl NodeArgs {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Read one node's admin API.
-    #[command(subcommand)]
-    Node(NodeCommand),
+    Node {
+        #[command(flatten)]
+        node: NodeArgs,
+        #[command(subcommand)]
+        command: NodeCommand,
+    },
 
-    /// Pre-flight: can mesh-node's datapath run on this machine? One PASS/FAIL line per
-    /// requirement (kernel, BTF, cgroup v2, bpffs, capabilities), each failure with its fix.
+    /// Pre-flight: can mesh-node's datapath run on this machine?
+    ///
+    /// One PASS/FAIL line per requirement (kernel, BTF, cgroup v2, bpffs, capabilities), each
+    /// failure with its fix.
     Check(CheckArgs),
 
     /// Enroll a namespace's pods in the mesh (label it mesh.dev/enroll=true).
@@ -98,9 +101,13 @@ pub enum Command {
         /// Only meshctl's own version; do not ask the node.
         #[arg(long)]
         client: bool,
+        #[command(flatten)]
+        node: NodeArgs,
     },
 
-    /// Print a shell completion script (e.g. `meshctl completions bash > /etc/bash_completion.d/meshctl`).
+    /// Print a shell completion script.
+    ///
+    /// For example: `meshctl completions bash > /etc/bash_completion.d/meshctl`.
     Completions {
         #[arg(value_enum)]
         shell: clap_complete::Shell,
@@ -109,6 +116,7 @@ pub enum Command {
 
 #[derive(Debug, Clone, Args)]
 pub struct EnrollArgs {
+    /// The namespace to label.
     #[arg(value_parser = parse_namespace)]
     pub namespace: String,
 
@@ -133,22 +141,40 @@ mod tests {
     }
 
     #[test]
-    fn node_flags_go_anywhere_and_socket_wins() {
-        let cli = Cli::try_parse_from([
+    fn node_flags_go_with_node_commands_and_socket_wins() {
+        let target = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Node { node, .. } | Command::Version { node, .. } => node.target(),
+            other => panic!("{other:?}"),
+        };
+        let node = Target::Tcp("10.1.2.3:15000".into());
+        assert_eq!(
+            target(&["meshctl", "node", "status", "--node", "10.1.2.3:15000"]),
+            node
+        );
+        assert_eq!(
+            target(&["meshctl", "node", "--node", "10.1.2.3:15000", "status"]),
+            node
+        );
+        assert_eq!(target(&["meshctl", "version", "--node", "10.1.2.3:15000"]), node);
+        let socket = Target::Unix("/run/mesh/admin.sock".into());
+        assert_eq!(
+            target(&["meshctl", "node", "--socket", "/run/mesh/admin.sock", "certs"]),
+            socket
+        );
+        let both = [
             "meshctl",
             "node",
-            "status",
+            "certs",
             "--node",
             "10.1.2.3:15000",
-            "-o",
-            "json",
-        ])
-        .unwrap();
-        assert_eq!(cli.node.target(), Target::Tcp("10.1.2.3:15000".into()));
+            "--socket",
+            "/run/mesh/admin.sock",
+        ];
+        assert_eq!(target(&both), socket);
+        let cli = Cli::try_parse_from(["meshctl", "node", "status", "-o", "json"]).unwrap();
         assert_eq!(cli.output, Format::Json);
-        let cli =
-            Cli::try_parse_from(["meshctl", "--socket", "/run/mesh/admin.sock", "node", "certs"]).unwrap();
-        assert_eq!(cli.node.target(), Target::Unix("/run/mesh/admin.sock".into()));
+        // Node flags belong to the commands that talk to a node.
+        assert!(Cli::try_parse_from(["meshctl", "check", "--node", "10.1.2.3:15000"]).is_err());
         assert!(Cli::try_parse_from(["meshctl", "node", "status", "--node", "nohost"]).is_err());
         assert!(Cli::try_parse_from(["meshctl", "enroll", "Bad_Name"]).is_err());
     }

@@ -14,7 +14,7 @@ pub mod version;
 use clap::CommandFactory;
 
 pub use crate::cli::Cli;
-use crate::cli::{Command, EnrollArgs};
+use crate::cli::{Command, EnrollArgs, NodeArgs};
 use crate::client::Client;
 use crate::enroll::Change;
 pub use crate::error::{exit, Error};
@@ -23,9 +23,11 @@ use crate::output::{print, render};
 /// Runs one command, printing its result to stdout.
 pub async fn run(cli: Cli) -> Result<(), Error> {
     let format = cli.output;
-    let client = || Client::new(cli.node.target(), cli.node.connect_timeout, cli.node.timeout);
+    let client = |node: &NodeArgs| Client::new(node.target(), node.connect_timeout, node.timeout);
     match &cli.command {
-        Command::Node(command) => print(&node::run(&client(), command, format, output::width()).await?),
+        Command::Node { node, command } => {
+            print(&node::run(&client(node), command, format, output::width()).await?)
+        }
         Command::Check(args) => {
             let lines = check::evaluate(&check::Facts::gather(args));
             print(&render(format, &lines, |l| check::render(l))?)?;
@@ -41,8 +43,11 @@ pub async fn run(cli: Cli) -> Result<(), Error> {
         }
         Command::Enroll(args) => enroll(args, Change::Enroll).await,
         Command::Unenroll(args) => enroll(args, Change::Unenroll).await,
-        Command::Version { client: only_ours } => {
-            let client = (!only_ours).then(client);
+        Command::Version {
+            client: only_ours,
+            node,
+        } => {
+            let client = (!only_ours).then(|| client(node));
             version::run(client.as_ref(), format).await
         }
         Command::Completions { shell } => {
