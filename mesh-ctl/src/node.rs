@@ -579,6 +579,25 @@ mod tests {
     }
 
     #[test]
+    fn a_status_of_another_api_version_is_a_mismatch() {
+        let client = Client::new(
+            crate::client::Target::Tcp("127.0.0.1:15000".into()),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
+        );
+        let mut status: Status = fixture("status");
+        assert!(check_status_api(&client, &status).is_ok());
+        status.api = 2;
+        let e = check_status_api(&client, &status).unwrap_err();
+        assert_eq!(e.exit_code(), crate::exit::VERSION_MISMATCH);
+        assert!(
+            e.to_string()
+                .contains("speaks admin API v2, this meshctl speaks v1"),
+            "{e}"
+        );
+    }
+
+    #[test]
     fn empty_lists_say_so() {
         assert_eq!(connections_table(&[], 80), "No open connections.\n");
     }
