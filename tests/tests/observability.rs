@@ -10,7 +10,7 @@ use serde_json::Value;
 use mesh_harness::agent::Agent;
 use mesh_harness::app::{client, echo_server, testapp};
 use mesh_harness::controller::{namespace_yaml, pod_yaml, policy_yaml, service_yaml, Controller};
-use mesh_harness::{wait_until, Cluster, Node, Pod};
+use mesh_harness::{bin_path, wait_until, Cluster, Node, Pod};
 
 const WAIT: Duration = Duration::from_secs(20);
 const VIP: &str = "10.96.0.20";
@@ -22,6 +22,7 @@ struct World {
     cluster: Cluster,
     _controller: Controller,
     a: Node,
+    b: Node,
     client: Pod,
     local: Pod,
     server: Pod,
@@ -31,7 +32,7 @@ struct World {
 fn world(name: &str, agent_args: &[&str], extra: &str) -> Result<World> {
     let cluster = Cluster::new(name)?;
     let a = cluster.add_node("a")?;
-    cluster.add_node("b")?;
+    let b = cluster.add_node("b")?;
     let client = cluster.add_pod("a", "client")?;
     let local = cluster.add_pod("a", "local")?;
     let server = cluster.add_pod("b", "server")?;
@@ -55,6 +56,7 @@ fn world(name: &str, agent_args: &[&str], extra: &str) -> Result<World> {
         cluster,
         _controller: controller,
         a,
+        b,
         client,
         local,
         server,
@@ -89,6 +91,23 @@ impl World {
 
 fn vip() -> SocketAddr {
     SocketAddr::new(VIP.parse().expect("a valid VIP"), 80)
+}
+
+/// `meshctl ARGS --socket <agent's socket>` on `node`: stdout, or an error with stderr.
+fn meshctl_text(w: &World, agent: &Agent, node: &Node, args: &[&str]) -> Result<String> {
+    let mut cmd = Command::new(bin_path("meshctl")?);
+    cmd.args(args)
+        .arg("--socket")
+        .arg(agent.admin_socket())
+        .env("COLUMNS", "80");
+    let out = w.cluster.exec_on_node(node, cmd)?.success()?;
+    Ok(out.stdout)
+}
+
+/// The same, with `-o json` parsed.
+fn meshctl(w: &World, agent: &Agent, node: &Node, args: &[&str]) -> Result<Value> {
+    let text = meshctl_text(w, agent, node, args)?;
+    serde_json::from_str(&text).with_context(|| format!("meshctl {args:?}: {text}"))
 }
 
 /// The agent's access-log lines (JSON, target `access`).
@@ -294,11 +313,10 @@ fn the_admin_api_shows_live_connections_workloads_certificates_and_the_kernel() 
     cmd.args(["--pace-ms", "20", "--timeout-ms", "60000"]);
     let slow = w.cluster.spawn_in_pod(&w.client, cmd)?;
     let client_ip = w.client.ipv4.to_string();
-    let live = |agent: &Agent, direction: &str| -> Result<Value> {
+    let live = |agent: &Agent, node: &Node, direction: &str| -> Result<Value> {
         let mut found = Value::Null;
         wait_until(WAIT, &format!("a live {direction} connection"), || {
-            let list = agent
-                .admin_unix(&w.cluster, "GET", "/v1/connections", None)
+            let list = meshctl(&w, agent, node, &["node", "connections", "-o", "json"])
                 .map_err(|e| format!("{e:#}"))?;
             let hit = list.as_array().into_iter().flatten().find(|c| {
                 c["direction"] == direction
@@ -315,7 +333,7 @@ fn the_admin_api_shows_live_connections_workloads_certificates_and_the_kernel() 
         })?;
         Ok(found)
     };
-    let out = live(a, "outbound")?;
+    let out = live(a, &w.a, "outbound")?;
     ensure!(
         out["destination_identity"] == format!("{TD}/server").as_str(),
         "{out}"
@@ -325,7 +343,18 @@ fn the_admin_api_shows_live_connections_workloads_certificates_and_the_kernel() 
         out["service"] == "shop/server" && out["route"] == "hbone",
         "{out}"
     );
-    let inb = live(b, "inbound")?;
+    let inb = live(b, &w.b, "inbound")?;
+    // The table an operator reads, while the connection is open.
+    let table = meshctl_text(&w, a, &w.a, &["node", "connections"])?;
+    ensure!(
+        table.lines().next().is_some_and(|h| h.starts_with("DIR")) && table.contains("shop/server"),
+        "{table}"
+    );
+    ensure!(
+        table.lines().all(|l| l.chars().count() <= 80),
+        "fits 80 columns:\n{table}"
+    );
+    println!("meshctl node connections on a:\n{table}");
     ensure!(inb["source_identity"] == format!("{TD}/client").as_str(), "{inb}");
     slow.wait_exit(Duration::from_secs(60))?;
 
@@ -336,7 +365,7 @@ fn the_admin_api_shows_live_connections_workloads_certificates_and_the_kernel() 
         "{status}"
     );
 
-    let workloads = a.admin_unix(&w.cluster, "GET", "/v1/workloads", None)?;
+    let workloads = meshctl(&w, a, &w.a, &["node", "workloads", "-o", "json"])?;
     for pod in [&w.client, &w.local] {
         let wl = workloads
             .as_array()
@@ -352,7 +381,7 @@ fn the_admin_api_shows_live_connections_workloads_certificates_and_the_kernel() 
         ensure!(wl["identity"] == format!("{TD}/{}", pod.name).as_str(), "{wl}");
     }
 
-    let certs = a.admin_get(&w.cluster, "/v1/certs")?;
+    let certs = meshctl(&w, a, &w.a, &["node", "certs", "-o", "json"])?;
     let cert = certs
         .as_array()
         .into_iter()

@@ -5,10 +5,11 @@ use std::{fs, io, path::Path};
 
 use super::{cgroup::check_cgroup2, error::EbpfError, sys, DatapathConfig};
 
-/// Oldest kernel with everything used here: cgroup bpf_links (5.7), `BPF_LINK_DETACH` (5.9),
-/// `bpf_get_netns_cookie` and ancestor cgroup ids in sock_addr programs, BTF.
-const MIN_KERNEL: (u32, u32) = (5, 10);
-const MIN_KERNEL_STR: &str = "5.10";
+/// Oldest kernel with everything used here: TCX links for the tc programs (6.6), cgroup
+/// bpf_links (5.7), `BPF_LINK_DETACH` (5.9), ancestor cgroup ids in sock_addr programs, BTF.
+/// `meshctl check` holds machines to the same minimum.
+const MIN_KERNEL: (u32, u32) = (6, 6);
+const MIN_KERNEL_STR: &str = "6.6";
 
 const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
