@@ -26,6 +26,7 @@ pub mod app;
 mod cluster;
 pub mod controller;
 mod proc;
+pub mod prometheus;
 mod sys;
 pub mod wire;
 

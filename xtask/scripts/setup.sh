@@ -63,6 +63,37 @@ if ! mountpoint -q /sys/fs/bpf; then
   mount -t bpf bpf /sys/fs/bpf
 fi
 
+# The e2e tests run their own Prometheus (config, TSDB and port of their own), so the package
+# is wanted for its binary only: its service must not start. invoke-rc.d asks policy-rc.d
+# first, and 101 means "not allowed"; a policy-rc.d already there (container images ship one)
+# is the machine's own and stays as it is.
+if ! dpkg-query -W -f='${Status}' prometheus 2>/dev/null | grep -q "install ok installed"; then
+  log "installing prometheus (the binary; its service stays stopped)"
+  policy=/usr/sbin/policy-rc.d
+  own_policy=
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' > "$policy"
+    chmod 755 "$policy"
+    own_policy=1
+    trap 'rm -f "$policy"' EXIT
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  "${APT[@]}" update >/dev/null
+  "${APT[@]}" install --no-install-recommends prometheus >/dev/null
+  if [ -n "$own_policy" ]; then
+    rm -f "$policy"
+    trap - EXIT
+  fi
+  # The postinst enables the unit; where systemd runs, keep it from starting at boot too.
+  if [ -d /run/systemd/system ]; then
+    systemctl disable prometheus >/dev/null 2>&1 || true
+  fi
+fi
+if ! prometheus --version >/dev/null 2>&1; then
+  echo "setup: the prometheus package is installed but 'prometheus --version' fails" >&2
+  exit 1
+fi
+
 # Manifest validation (cargo xtask test): the Kubernetes JSON schemas of every version,
 # pinned, in the python3 that is on PATH.
 KUBERNETES_VALIDATE_VERSION=1.37.0
