@@ -79,6 +79,7 @@ fn prometheus_scrapes_a_node_and_counts_its_connections_by_route() -> Result<()>
 
     // Same node and enrolled: served in the proxy. Not enrolled: passed through as plain TCP.
     const CONNECTIONS: f64 = 3.0;
+    let mut local_connections = 0.0;
     for (route, dst) in [
         ("local", SocketAddr::new(server.ipv4.into(), 8080)),
         ("passthrough", SocketAddr::new(outsider.ipv4.into(), 8080)),
@@ -99,6 +100,9 @@ fn prometheus_scrapes_a_node_and_counts_its_connections_by_route() -> Result<()>
             client(&cluster, &client_pod, dst, 1024)?;
         }
         let count = before + CONNECTIONS;
+        if route == "local" {
+            local_connections = count;
+        }
         let at_agent = agent.metric(&cluster, &sample)?;
         ensure!(
             at_agent == count,
@@ -117,6 +121,39 @@ fn prometheus_scrapes_a_node_and_counts_its_connections_by_route() -> Result<()>
             "{query}: {seen:?}"
         );
     }
+    // The golden-signal query: connections between two workloads, as each proxy reports them.
+    // Every local connection is one closed connection client → server for both reporters.
+    let query = r#"sum by (reporter, source_workload, destination_workload, destination_principal, response_flags) (mesh_tcp_connections_closed_total{job="mesh-node", source_workload="client", destination_workload="server"})"#;
+    let seen = prom.wait_for(
+        query,
+        |s| s.len() == 2 && s.iter().all(|s| s.value == local_connections),
+        WAIT,
+    )?;
+    for reporter in ["source", "destination"] {
+        let want = labels(&[
+            ("reporter", reporter),
+            ("source_workload", "client"),
+            ("destination_workload", "server"),
+            (
+                "destination_principal",
+                "spiffe://cluster.local/ns/shop/sa/server",
+            ),
+            ("response_flags", "-"),
+        ]);
+        ensure!(
+            seen.iter().any(|s| s.labels == want),
+            "{reporter} reports client → server: {seen:?}"
+        );
+    }
+    let bytes = prom.query(
+        r#"sum(mesh_tcp_received_bytes_total{reporter="source", source_workload="client", destination_workload="server"})"#,
+    )?;
+    ensure!(
+        bytes
+            .first()
+            .is_some_and(|s| s.value == 1024.0 * local_connections),
+        "1 KiB per connection: {bytes:?}"
+    );
     let by_route = prom.query(r#"sum by (route) (mesh_outbound_connections_total{job="mesh-node"})"#)?;
     let routes: BTreeSet<&str> = by_route.iter().map(|s| s.labels["route"].as_str()).collect();
     ensure!(
