@@ -7,6 +7,7 @@
 pub mod admin;
 pub mod client;
 mod identity;
+pub mod manifests;
 mod objects;
 mod view;
 mod wire;

@@ -12,12 +12,12 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams};
+use mesh_api::manifests;
 use serde_norway::{Mapping, Value};
 
 /// The namespace label the controller enrolls pods by (`mesh.dev/enroll=true`).
 pub const ENROLL_LABEL: &str = "mesh.dev/enroll";
 /// The controller reads no deeper than this into a source directory, nor do we.
-const MAX_DEPTH: usize = 8;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Change {
@@ -201,9 +201,7 @@ pub fn in_source_dir(dir: &Path, namespace: &str, change: Change) -> Result<Outc
         move |source| EnrollError::Io { path, source }
     };
     std::fs::read_dir(dir).map_err(io(dir))?;
-    let mut files = Vec::new();
-    collect(dir, 0, &mut files);
-    files.sort();
+    let (files, _) = manifests::files(dir);
     let mut outcome = Outcome {
         namespace: namespace.to_owned(),
         change,
@@ -253,29 +251,6 @@ pub fn in_source_dir(dir: &Path, namespace: &str, change: Change) -> Result<Outc
     Ok(outcome)
 }
 
-/// The same files the controller's file source reads: `.yaml`/`.yml`, recursively, names
-/// starting with `.` skipped, symlinks followed.
-fn collect(dir: &Path, depth: usize, files: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let path = entry.path();
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_dir() && depth < MAX_DEPTH => collect(&path, depth + 1, files),
-            Ok(meta)
-                if meta.is_file() && path.extension().is_some_and(|ext| ext == "yaml" || ext == "yml") =>
-            {
-                files.push(path)
-            }
-            _ => {}
-        }
-    }
-}
-
 /// Writes `text` over `path` by a rename from a hidden file beside it (which the controller
 /// skips), keeping the file's permissions.
 fn replace_file(path: &Path, text: &str) -> Result<(), EnrollError> {
@@ -313,8 +288,8 @@ fn namespace_object(name: &str) -> Value {
 /// Where the Namespace `name` is in a file and what its new text is: `None` when the file
 /// holds no such Namespace, `Some(None)` when it is there and already as wanted.
 pub fn edit_text(text: &str, name: &str, change: Change) -> Result<Option<Option<String>>, String> {
-    for (start, end) in documents(text) {
-        let document = &text[start..end];
+    for doc in manifests::documents(text) {
+        let (start, end, document) = (doc.start, doc.start + doc.text.len(), doc.text);
         // Documents the controller cannot read are skipped by it too.
         let Ok(mut value) = serde_norway::from_str::<Value>(document) else {
             continue;
@@ -397,24 +372,6 @@ fn set_label(object: &mut Value, change: Change) -> Result<bool, String> {
         }
         None => Ok(labels.shift_remove(ENROLL_LABEL).is_some()),
     }
-}
-
-/// The byte ranges of a YAML stream's documents, split at `---` lines the way the
-/// controller splits them (each range starts with its marker line).
-fn documents(text: &str) -> Vec<(usize, usize)> {
-    let mut starts = vec![0];
-    let mut offset = 0;
-    for (index, line) in text.split_inclusive('\n').enumerate() {
-        let marker = line
-            .strip_prefix("---")
-            .is_some_and(|rest| rest.trim().is_empty() || rest.starts_with([' ', '\t']));
-        if marker && index > 0 {
-            starts.push(offset);
-        }
-        offset += line.len();
-    }
-    let ends = starts.iter().skip(1).copied().chain([text.len()]);
-    starts.iter().copied().zip(ends).collect()
 }
 
 #[cfg(test)]

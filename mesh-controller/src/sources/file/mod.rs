@@ -27,7 +27,6 @@ pub const DEBOUNCE: Duration = Duration::from_millis(50);
 const MAX_DELAY: Duration = Duration::from_millis(500);
 const POLL_INTERVAL: Duration = Duration::from_millis(250);
 /// Symlinked directories could loop; real layouts are shallow.
-const MAX_DEPTH: usize = 8;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileSourceError {
@@ -114,9 +113,10 @@ impl Source for FileSource {
 
 /// Reads every manifest under `dir`; problems are logged, their objects left out.
 fn load(dir: &Path) -> ClusterState {
-    let mut files = Vec::new();
-    collect(dir, 0, &mut files);
-    files.sort();
+    let (files, unreadable) = mesh_api::manifests::files(dir);
+    for (dir, e) in unreadable {
+        tracing::warn!(dir = %dir.display(), error = %e, "cannot list directory");
+    }
     let mut loader = Loader::default();
     for path in &files {
         let name = path.strip_prefix(dir).unwrap_or(path).display().to_string();
@@ -145,27 +145,4 @@ fn load(dir: &Path) -> ClusterState {
         "loaded manifests"
     );
     state
-}
-
-fn collect(dir: &Path, depth: usize, files: &mut Vec<PathBuf>) {
-    let entries = match std::fs::read_dir(dir) {
-        Ok(entries) => entries,
-        Err(e) => return tracing::warn!(dir = %dir.display(), error = %e, "cannot list directory"),
-    };
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with('.') {
-            continue;
-        }
-        let path = entry.path();
-        // Follows symlinks, as a mounted ConfigMap needs.
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_dir() && depth < MAX_DEPTH => collect(&path, depth + 1, files),
-            Ok(meta) if meta.is_file() && is_manifest(&path) => files.push(path),
-            _ => {}
-        }
-    }
-}
-
-fn is_manifest(path: &Path) -> bool {
-    path.extension().is_some_and(|ext| ext == "yaml" || ext == "yml")
 }

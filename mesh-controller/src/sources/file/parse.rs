@@ -4,6 +4,7 @@
 use std::collections::btree_map::{BTreeMap, Entry};
 use std::fmt;
 
+use mesh_api::manifests::{documents, Document};
 use mesh_api::NamespacedName;
 use serde::de::DeserializeOwned;
 use serde_yaml::Value;
@@ -50,7 +51,12 @@ struct At<'a> {
 
 impl Loader {
     pub fn add_file(&mut self, file: &str, text: &str) {
-        for (first_line, document) in documents(text) {
+        for Document {
+            first_line,
+            text: document,
+            ..
+        } in documents(text)
+        {
             let at = At {
                 file,
                 line: first_line + 1,
@@ -169,29 +175,6 @@ fn insert<K: Ord, V>(map: &mut BTreeMap<K, V>, key: K, value: V) -> Result<(), I
             Ok(())
         }
     }
-}
-
-/// Splits a YAML stream at its `---` markers, yielding each document with the index of its
-/// first line. Done here rather than by the YAML parser because that one gives up on the
-/// rest of a stream after one malformed document.
-fn documents(text: &str) -> Vec<(usize, &str)> {
-    let mut starts = vec![(0, 0)];
-    let mut offset = 0;
-    for (index, line) in text.split_inclusive('\n').enumerate() {
-        let marker = line
-            .strip_prefix("---")
-            .is_some_and(|rest| rest.trim().is_empty() || rest.starts_with([' ', '\t']));
-        if marker && index > 0 {
-            starts.push((index, offset));
-        }
-        offset += line.len();
-    }
-    let ends = starts.iter().skip(1).map(|&(_, o)| o).chain([text.len()]);
-    starts
-        .iter()
-        .zip(ends)
-        .map(|(&(line, start), end)| (line, &text[start..end]))
-        .collect()
 }
 
 #[cfg(test)]

@@ -254,17 +254,3 @@ fn a_bad_document_spoils_only_itself() {
         .to_string()
         .starts_with("b.yaml:1: Namespace shop: another object"));
 }
-
-#[test]
-fn splits_documents_at_markers_only() {
-    let text = "a: 1\n---\nb: 2\n--- # c\nc: '---'\n---x: 1\n";
-    let docs: Vec<(usize, &str)> = documents(text);
-    assert_eq!(
-        docs,
-        [
-            (0, "a: 1\n"),
-            (1, "---\nb: 2\n"),
-            (3, "--- # c\nc: '---'\n---x: 1\n")
-        ]
-    );
-}
