@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::{bin_path, Cluster, Pod, Proc};
+use crate::agent::Agent;
+use crate::{bin_path, wait_until, Cluster, Pod, Proc};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -60,6 +61,23 @@ pub fn client(cluster: &Cluster, pod: &Pod, dst: SocketAddr, bytes: usize) -> Re
         bail!("client in {} → {dst} failed: {report:?}", pod.name);
     }
     Ok(report)
+}
+
+/// Waits until `agents` have meshed their enrolled pods and an exchange from `pod` to `dst`
+/// works end to end: from then on the path goes through the mesh, not around it.
+pub fn wait_mesh_path(cluster: &Cluster, agents: &[Agent], pod: &Pod, dst: SocketAddr) -> Result<()> {
+    for agent in agents {
+        agent.wait_meshed(cluster)?;
+    }
+    wait_until(
+        WAIT,
+        &format!("a working mesh path {} → {dst}", pod.name),
+        || {
+            client(cluster, pod, dst, 1024)
+                .map(|_| ())
+                .map_err(|e| format!("{e:#}"))
+        },
+    )
 }
 
 /// The peer address the server saw on its `n`-th accepted connection (1-based).

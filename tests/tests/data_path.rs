@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Result};
 
 use mesh_harness::agent::Agent;
-use mesh_harness::app::{accept_peer, client, echo_server, send_marker, testapp};
+use mesh_harness::app::{accept_peer, client, echo_server, send_marker, testapp, wait_mesh_path};
 use mesh_harness::controller::{namespace_yaml, pod_yaml, policy_yaml, service_yaml, Controller};
 use mesh_harness::wire::Sniffer;
 use mesh_harness::{wait_until, Cluster, Node, Pod, Proc};
@@ -90,14 +90,7 @@ impl World {
     /// Waits until the client's connection to `dst` is served end to end (config, certificates
     /// and inbound capture are in place on both nodes).
     fn wait_path(&self, dst: SocketAddr) -> Result<()> {
-        for agent in &self.agents {
-            agent.wait_meshed(&self.cluster)?;
-        }
-        wait_until(WAIT, &format!("a working mesh path client → {dst}"), || {
-            client(&self.cluster, &self.client, dst, 1024)
-                .map(|_| ())
-                .map_err(|e| format!("{e:#}"))
-        })
+        wait_mesh_path(&self.cluster, &self.agents, &self.client, dst)
     }
 }
 

@@ -8,7 +8,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
 use mesh_harness::agent::Agent;
-use mesh_harness::app::{client, echo_server, testapp};
+use mesh_harness::app::{client, echo_server, testapp, wait_mesh_path};
 use mesh_harness::controller::{namespace_yaml, pod_yaml, policy_yaml, service_yaml, Controller};
 use mesh_harness::{bin_path, wait_until, Cluster, Node, Pod};
 
@@ -66,14 +66,7 @@ fn world(name: &str, agent_args: &[&str], extra: &str) -> Result<World> {
 
 impl World {
     fn wait_path(&self, dst: SocketAddr) -> Result<()> {
-        for agent in &self.agents {
-            agent.wait_meshed(&self.cluster)?;
-        }
-        wait_until(WAIT, &format!("a working mesh path client → {dst}"), || {
-            client(&self.cluster, &self.client, dst, 1024)
-                .map(|_| ())
-                .map_err(|e| format!("{e:#}"))
-        })
+        wait_mesh_path(&self.cluster, &self.agents, &self.client, dst)
     }
 
     /// Waits until `agent`'s `name` summed over samples with `labels` reaches `want`.
