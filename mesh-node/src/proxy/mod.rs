@@ -1,5 +1,7 @@
 //! The node proxy, one module per direction (DESIGN.md §5): `outbound` carries captured
-//! connections of local pods, `inbound` terminates HBONE for them; both read `mesh`.
+//! connections of local pods, `inbound` terminates HBONE for them; both read `mesh` and move
+//! bytes with `copy`.
+mod copy;
 pub mod hbone;
 pub mod inbound;
 pub mod listener;

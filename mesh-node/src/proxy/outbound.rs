@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info, info_span, Instrument};
 
+use super::copy;
 use super::hbone::{HboneError, PoolKey, HBONE_PORT};
 use super::mesh::Mesh;
 use super::orig_dst::original_dst;
@@ -22,9 +23,6 @@ use crate::control::NodeState;
 use crate::metrics::labels::{Peer, Reporter, ResponseFlags};
 use crate::policy::Decision;
 use crate::tls::{self, TlsError};
-
-/// Copy buffers per direction: large enough that a bulk transfer is not syscall-bound.
-const COPY_BUFFER: usize = 64 * 1024;
 
 pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: SocketAddr) {
     let span = info_span!("outbound", src = %peer);
@@ -183,7 +181,7 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let mut client = Counted::new(client, mesh.connections.open(meta), Orientation::FacesSource);
-    tokio::io::copy_bidirectional_with_sizes(&mut client, &mut upstream, COPY_BUFFER, COPY_BUFFER).await
+    copy::bidirectional(&mut client, &mut upstream).await
 }
 
 /// Records a connection that could not be carried and resets the client: it already holds an

@@ -22,6 +22,7 @@ use tracing::{debug, trace};
 
 use super::wire::{parse_authority, parse_forwarded_for, same_ip, FORWARDED};
 use super::{H2Settings, HboneError};
+use crate::proxy::copy;
 use crate::tls;
 
 /// One tunnelled connection as the server sees it, for authorization and the upstream connect.
@@ -81,8 +82,6 @@ pub struct ServerSettings {
     pub upstream_connect_timeout: Duration,
     /// Answer 400 when `:authority`'s IP is not the connection's local IP (ztunnel does).
     pub require_authority_matches_local_ip: bool,
-    /// Size of each of the two copy buffers of a tunnelled connection.
-    pub copy_buffer_size: usize,
 }
 
 impl Default for ServerSettings {
@@ -93,7 +92,6 @@ impl Default for ServerSettings {
             preface_timeout: Duration::from_secs(10),
             upstream_connect_timeout: Duration::from_secs(10),
             require_authority_matches_local_ip: true,
-            copy_buffer_size: 64 * 1024,
         }
     }
 }
@@ -152,7 +150,6 @@ where
         handler,
         upstream_connect_timeout: settings.upstream_connect_timeout,
         check_authority: settings.require_authority_matches_local_ip,
-        buf: settings.copy_buffer_size,
     });
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
@@ -185,7 +182,6 @@ struct Ctx<H> {
     handler: Arc<H>,
     upstream_connect_timeout: Duration,
     check_authority: bool,
-    buf: usize,
 }
 
 impl<H: Handler> Ctx<H> {
@@ -234,13 +230,12 @@ impl<H: Handler> Ctx<H> {
             };
         let on_upgrade = hyper::upgrade::on(&mut req);
         let handler = self.handler.clone();
-        let buf = self.buf;
         tokio::spawn(async move {
             let mut upstream = upstream;
             let result = match on_upgrade.await {
                 Ok(upgraded) => {
                     let mut downstream = TokioIo::new(upgraded);
-                    tokio::io::copy_bidirectional_with_sizes(&mut downstream, &mut upstream, buf, buf).await
+                    copy::bidirectional(&mut downstream, &mut upstream).await
                 }
                 Err(e) => Err(io::Error::other(e)),
             };
