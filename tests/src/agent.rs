@@ -23,6 +23,7 @@ pub struct Agent {
     root_ca: PathBuf,
     token_file: PathBuf,
     extra_args: Vec<String>,
+    log_filter: String,
     proc: Option<Proc>,
 }
 
@@ -36,8 +37,15 @@ impl Agent {
             root_ca: controller.root_ca(),
             token_file: controller.node_token(&node.name)?,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            log_filter: "info,mesh_node=debug".into(),
             proc: None,
         })
+    }
+
+    /// Makes later starts log with `filter` instead of `info,mesh_node=debug` (whose
+    /// per-connection records the tests read, and a benchmark must not pay for).
+    pub fn set_log_filter(&mut self, filter: &str) {
+        self.log_filter = filter.to_owned();
     }
 
     /// Makes later starts read the controller token from `path` (to test refusals).
@@ -69,7 +77,8 @@ impl Agent {
             .arg("--controller-token-file")
             .arg(&self.token_file)
             .args(["--reconcile-interval", "100ms", "--log-format", "json"])
-            .args(["--log", "info,mesh_node=debug"])
+            .arg("--log")
+            .arg(&self.log_filter)
             .args(&self.extra_args);
         Ok(cmd)
     }
