@@ -262,7 +262,7 @@ fn start_nginx(cluster: &Cluster, pod: &Pod, dir: &std::path::Path) -> Result<Pr
 fn nginx_conf(dir: &str, port: u16) -> String {
     let body = "x".repeat(BODY_BYTES);
     format!(
-        "daemon off;\nmaster_process on;\nworker_processes 1;\nworker_rlimit_nofile 8192;\n\
+        "daemon off;\nmaster_process on;\nworker_processes auto;\nworker_rlimit_nofile 8192;\n\
          pid {dir}/nginx.pid;\nerror_log stderr warn;\n\
          events {{ worker_connections 4096; }}\n\
          http {{\n  access_log off;\n  keepalive_timeout 300s;\n  keepalive_requests 100000000;\n  \
