@@ -24,6 +24,7 @@ pub struct Agent {
     root_ca: PathBuf,
     token_file: PathBuf,
     extra_args: Vec<String>,
+    log_filter: String,
     proc: Option<Proc>,
 }
 
@@ -37,8 +38,15 @@ impl Agent {
             root_ca: controller.root_ca(),
             token_file: controller.node_token(&node.name)?,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            log_filter: "info,mesh_node=debug".into(),
             proc: None,
         })
+    }
+
+    /// Makes later starts log with `filter` instead of `info,mesh_node=debug` (whose
+    /// per-connection records the tests read, and a benchmark must not pay for).
+    pub fn set_log_filter(&mut self, filter: &str) {
+        self.log_filter = filter.to_owned();
     }
 
     /// Makes later starts read the controller token from `path` (to test refusals).
@@ -82,7 +90,8 @@ impl Agent {
             .arg("--admin-socket")
             .arg(self.admin_socket())
             .args(["--reconcile-interval", "100ms", "--log-format", "json"])
-            .args(["--log", "info,mesh_node=debug"])
+            .arg("--log")
+            .arg(&self.log_filter)
             .args(&self.extra_args);
         Ok(cmd)
     }

@@ -554,6 +554,23 @@ impl Cluster {
         )?)
     }
 
+    /// Runs `cmd` in the node's netns and in `<node cgroup>/<cgroup>` (created if absent), so
+    /// that what it and its children use can be read from that cgroup alone (same caveat as
+    /// [`Cluster::spawn_in_pod`]).
+    pub fn spawn_in_node_cgroup(&self, node: &Node, cgroup: &str, cmd: Command) -> Result<Proc> {
+        self.check_node(node)?;
+        validate_name("cgroup", cgroup)?;
+        if matches!(cgroup, "agent" | "pods") {
+            bail!("cgroup {cgroup:?} of node {} is the harness's own", node.name);
+        }
+        let dir = node.cgroup.join(cgroup);
+        if !dir.is_dir() {
+            fs::create_dir(&dir).with_context(|| format!("creating cgroup {}", dir.display()))?;
+        }
+        let label = format!("node/{}/{cgroup}", node.name);
+        self.register(spawn_placed(&label, cmd, Some(&node.netns), Some(&dir), None)?)
+    }
+
     /// Runs `cmd` in network namespace `netns` of this cluster (e.g. [`Cluster::link_netns`]),
     /// in the caller's cgroup.
     pub fn spawn_in_net(&self, netns: &str, cmd: Command) -> Result<Proc> {

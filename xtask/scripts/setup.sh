@@ -12,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 APT=(apt-get -o DPkg::Lock::Timeout=600 -y -q)
-PKGS=(rustc-web cargo-web rust-web-src bpftool iproute2 iputils-ping wrk iperf3 nghttp2-client curl tcpdump nghttp2-server python3 openssl)
+PKGS=(rustc-web cargo-web rust-web-src bpftool iproute2 iputils-ping wrk iperf3 nghttp2-client curl tcpdump nghttp2-server python3 openssl nginx socat)
 
 missing=()
 for p in "${PKGS[@]}"; do
@@ -23,6 +23,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   "${APT[@]}" update >/dev/null
   "${APT[@]}" install --no-install-recommends "${missing[@]}" >/dev/null
+  # The bench starts its own nginx inside its pods; the package's host service is not wanted.
+  if [[ " ${missing[*]} " == *" nginx "* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now nginx >/dev/null 2>&1 || true
+  fi
 fi
 
 # The LLVM major of Debian's rustc decides which libLLVM bpf-linker must link.

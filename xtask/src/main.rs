@@ -1,5 +1,6 @@
-//! Project automation: `cargo xtask setup | test | demo`. Builds without the eBPF toolchain,
+//! Project automation: `cargo xtask setup | test | demo | bench | manifests`. Builds without the eBPF toolchain,
 //! because its first job is to install it.
+mod bench;
 mod demo;
 mod manifests;
 mod run;
@@ -23,6 +24,9 @@ enum Task {
     Test(test::Args),
     /// Set up, then bring up a local cluster in network namespaces and show mesh at work.
     Demo(demo::Args),
+    /// Set up, then measure direct vs mesh (vs a peer proxy chain) on the netns harness:
+    /// HTTP/1.1 req/s and latency, new connections, bulk TCP, proxy CPU and memory.
+    Bench(bench::Args),
     /// Regenerate the CRD YAML in daemonset/base/crds from the Rust types.
     Manifests,
 }
@@ -32,6 +36,7 @@ fn main() -> std::process::ExitCode {
         Task::Setup => setup::run(),
         Task::Test(args) => test::run(args),
         Task::Demo(args) => demo::run(args),
+        Task::Bench(args) => bench::run(args),
         Task::Manifests => manifests::run(),
     };
     match result {

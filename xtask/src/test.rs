@@ -39,6 +39,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let demo = Instant::now();
     crate::demo::scenario(true).map_err(|e| e.context("demo --once"))?;
     eprintln!("xtask: ✓ demo --once ({:.1}s)", demo.elapsed().as_secs_f64());
+    // Not a measurement: a seconds-long run so that the bench keeps working.
+    eprintln!("xtask: ── bench --smoke");
+    let bench = Instant::now();
+    crate::bench::smoke().map_err(|e| e.context("bench --smoke"))?;
+    eprintln!("xtask: ✓ bench --smoke ({:.1}s)", bench.elapsed().as_secs_f64());
     eprintln!(
         "xtask: all checks passed in {:.0}s",
         start.elapsed().as_secs_f64()

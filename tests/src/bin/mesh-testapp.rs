@@ -1,5 +1,6 @@
-//! A tiny TCP test app for the netns harness: an echo server, a verifying client, a connect loop.
-//! Every report is one JSON line on stdout.
+//! A tiny TCP test app for the netns harness: an echo server, a verifying client, a connect loop,
+//! and the bench's fixed-rate HTTP client and idle-connection holder. Every report is one JSON
+//! line on stdout.
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -7,6 +8,7 @@ use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
+use mesh_harness::load;
 use serde_json::{json, Value};
 use socket2::{Domain, Socket, Type};
 
@@ -59,6 +61,28 @@ enum Cmd {
         #[arg(long, default_value_t = 2_000)]
         timeout_ms: u64,
     },
+    /// HTTP/1.1 GETs at a fixed RATE per second over one keep-alive connection (open loop);
+    /// reports latency percentiles; exit 0 iff every request got a whole 200 answer.
+    HttpRate {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        rate: f64,
+        #[arg(long)]
+        duration_ms: u64,
+        #[arg(long, default_value_t = 5_000)]
+        timeout_ms: u64,
+    },
+    /// Open CONNECTIONS keep-alive connections, one HTTP/1.1 GET on each, then hold them idle
+    /// until terminated.
+    Hold {
+        #[arg(long)]
+        connect: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -92,6 +116,22 @@ fn main() -> ExitCode {
             Duration::from_millis(interval_ms),
             Duration::from_millis(timeout_ms),
         ),
+        Cmd::HttpRate {
+            connect,
+            rate,
+            duration_ms,
+            timeout_ms,
+        } => http_rate(
+            connect,
+            rate,
+            Duration::from_millis(duration_ms),
+            Duration::from_millis(timeout_ms),
+        ),
+        Cmd::Hold {
+            connect,
+            connections,
+            timeout_ms,
+        } => hold(connect, connections, Duration::from_millis(timeout_ms)),
     }
 }
 
@@ -383,4 +423,39 @@ fn echo_once(addr: SocketAddr, i: u64, timeout: Duration) -> io::Result<()> {
         )));
     }
     Ok(())
+}
+
+fn http_rate(addr: SocketAddr, rate: f64, duration: Duration, timeout: Duration) -> ExitCode {
+    match load::fixed_rate(addr, rate, duration, timeout) {
+        Ok(report) => {
+            let ok = report.errors == 0;
+            emit(json!(report));
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(e) => {
+            emit(json!({"error": e.to_string()}));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn hold(addr: SocketAddr, connections: usize, timeout: Duration) -> ExitCode {
+    raise_fd_limit();
+    match load::hold(addr, connections, timeout) {
+        Ok(held) => {
+            emit(json!({"event": "holding", "connections": held.len()}));
+            loop {
+                // Until terminated: the connections stay open and idle meanwhile.
+                std::thread::park();
+            }
+        }
+        Err(e) => {
+            emit(json!({"event": "error", "error": e.to_string()}));
+            ExitCode::FAILURE
+        }
+    }
 }
