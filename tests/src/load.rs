@@ -90,16 +90,33 @@ pub fn fixed_rate(
 }
 
 /// Opens `n` connections, completes one request on each (so every hop on the path holds its
-/// share of the connection), and returns them open.
+/// share of the connection), and returns them open. A few threads open them, so that a path
+/// slow to set connections up (a TLS handshake, a process per connection) is done in time.
 pub fn hold(addr: SocketAddr, n: usize, timeout: Duration) -> io::Result<Vec<TcpStream>> {
-    let mut buf = Vec::with_capacity(4096);
-    (0..n)
-        .map(|_| {
-            let mut conn = connect(addr, timeout)?;
-            exchange(&mut conn, &mut buf)?;
-            Ok(conn)
+    const OPENERS: usize = 8;
+    let threads: Vec<_> = (0..OPENERS)
+        .map(|i| {
+            let share = n / OPENERS + usize::from(i < n % OPENERS);
+            std::thread::spawn(move || -> io::Result<Vec<TcpStream>> {
+                let mut buf = Vec::with_capacity(4096);
+                (0..share)
+                    .map(|_| {
+                        let mut conn = connect(addr, timeout)?;
+                        exchange(&mut conn, &mut buf)?;
+                        Ok(conn)
+                    })
+                    .collect()
+            })
         })
-        .collect()
+        .collect();
+    let mut held = Vec::with_capacity(n);
+    for t in threads {
+        let conns = t
+            .join()
+            .map_err(|_| io::Error::other("a connection-opening thread panicked"))??;
+        held.extend(conns);
+    }
+    Ok(held)
 }
 
 /// The nearest-rank `q`-quantile (0 < q ≤ 1) of sorted values.

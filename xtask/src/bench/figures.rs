@@ -300,7 +300,7 @@ fn idle_connections(topo: &Topology, path: PathKind) -> Result<f64> {
     cmd.args(["hold", "--connect", &topo.http(path).to_string()])
         .args(["--connections", &IDLE_CONNECTIONS.to_string()]);
     let hold = topo.cluster.spawn_in_pod(topo.client(path), cmd)?;
-    hold.wait_for_line(Duration::from_secs(60), |l| {
+    hold.wait_for_line(Duration::from_secs(120), |l| {
         l.contains(r#""event":"holding""#) || l.contains(r#""event":"error""#)
     })
     .and_then(|line| match line.contains("holding") {

@@ -21,9 +21,9 @@ Peer path (--peer-client-cmd and --peer-server-cmd, given together):
   bench ends; their CPU and memory are counted like the mesh proxies'.
   Example, a TLS chain of socat relays:
     --peer-name socat-tls \\
-    --peer-server-cmd 'cd {dir} && (test -f {service}.pem || openssl req -x509 -newkey ec \\
-        -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN=peer -days 1 -keyout {service}.key \\
-        -out {service}.pem 2>/dev/null) && exec socat OPENSSL-LISTEN:{listen_port},bind={listen_ip},fork,reuseaddr,cert={service}.pem,key={service}.key,verify=0 TCP:{upstream}' \\
+    --peer-server-cmd 'cd {dir} && openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 \\
+        -nodes -subj /CN=peer -days 1 -keyout {service}.key -out {service}.pem 2>/dev/null \\
+        && exec socat OPENSSL-LISTEN:{listen_port},bind={listen_ip},fork,reuseaddr,cert={service}.pem,key={service}.key,verify=0 TCP:{upstream}' \\
     --peer-client-cmd 'exec socat TCP-LISTEN:{listen_port},bind={listen_ip},fork,reuseaddr OPENSSL:{upstream},verify=0'";
 
 /// The commands of a peer, as the user gave them.
