@@ -71,19 +71,12 @@ pub fn run(args: Args) -> Result<()> {
             client_cmd,
             server_cmd,
         }),
-        _ if args.smoke => Some(PeerSpec::socat_relays()),
         _ => None,
     };
     let bench_dir = root().join("target/bench");
     if args.smoke {
         step("build binaries", cargo().args(["build", "--workspace", "--bins"]))?;
-        return measure(&Plan {
-            runs: 1,
-            duration: Duration::from_secs(1),
-            peer,
-            json: args.json.unwrap_or_else(|| bench_dir.join("smoke.json")),
-            profile: "debug",
-        });
+        return measure(&smoke_plan(peer, args.json));
     }
     step(
         "build release binaries (mesh-node, mesh-testapp)",
@@ -118,13 +111,18 @@ pub fn run(args: Args) -> Result<()> {
 
 /// The smoke run `cargo xtask test` makes, on the debug binaries it has just built.
 pub fn smoke() -> Result<()> {
-    measure(&Plan {
+    measure(&smoke_plan(None, None))
+}
+
+/// One round of 1-second figures; a chain of socat relays stands in for a peer not given.
+fn smoke_plan(peer: Option<PeerSpec>, json: Option<PathBuf>) -> Plan {
+    Plan {
         runs: 1,
         duration: Duration::from_secs(1),
-        peer: Some(PeerSpec::socat_relays()),
-        json: root().join("target/bench/smoke.json"),
+        peer: peer.or_else(|| Some(PeerSpec::socat_relays())),
+        json: json.unwrap_or_else(|| root().join("target/bench/smoke.json")),
         profile: "debug",
-    })
+    }
 }
 
 fn measure(plan: &Plan) -> Result<()> {
