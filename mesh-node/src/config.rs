@@ -113,6 +113,10 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
     pub admin_socket: PathBuf,
 
+    /// Threads of the proxy's async runtime; 0 means one per CPU the agent may use.
+    #[arg(long, env = "MESH_WORKER_THREADS", default_value_t = 0)]
+    pub worker_threads: usize,
+
     /// The share of successful connections written to the access log (target `access`), from
     /// 0 (none) to 1 (all). Failed and denied connections are always written.
     #[arg(long, env = "MESH_ACCESS_LOG_SAMPLE_RATE", default_value_t = 1.0)]
@@ -190,6 +194,8 @@ pub struct Config {
     pub admin_addr: SocketAddr,
     pub admin_socket: PathBuf,
     pub access_log_sample_rate: f64,
+    /// Threads of the async runtime (0: one per CPU).
+    pub worker_threads: usize,
     pub reconcile_interval: Duration,
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
@@ -299,6 +305,7 @@ impl RunArgs {
             admin_addr: self.admin_addr,
             admin_socket: self.admin_socket,
             access_log_sample_rate: self.access_log_sample_rate,
+            worker_threads: self.worker_threads,
             reconcile_interval: self.reconcile_interval,
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,

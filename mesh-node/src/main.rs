@@ -67,7 +67,15 @@ fn configure(args: RunArgs) -> anyhow::Result<Config> {
 fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
     let open_files = raise_open_files_limit();
     info!(open_files, "open-files limit");
-    tokio::runtime::Builder::new_multi_thread()
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if cfg.worker_threads > 0 {
+        runtime.worker_threads(cfg.worker_threads);
+    }
+    info!(
+        worker_threads = cfg.worker_threads,
+        "async runtime (0: one thread per CPU)"
+    );
+    runtime
         .enable_all()
         .build()
         .context("starting the async runtime")?

@@ -25,6 +25,7 @@ pub struct Agent {
     token_file: PathBuf,
     extra_args: Vec<String>,
     log_filter: String,
+    reconcile_interval: String,
     proc: Option<Proc>,
 }
 
@@ -39,6 +40,7 @@ impl Agent {
             token_file: controller.node_token(&node.name)?,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             log_filter: "info,mesh_node=debug".into(),
+            reconcile_interval: "100ms".into(),
             proc: None,
         })
     }
@@ -47,6 +49,11 @@ impl Agent {
     /// per-connection records the tests read, and a benchmark must not pay for).
     pub fn set_log_filter(&mut self, filter: &str) {
         self.log_filter = filter.to_owned();
+    }
+
+    /// Makes later starts reconcile every `interval` (humantime) instead of the tests' 100 ms.
+    pub fn set_reconcile_interval(&mut self, interval: &str) {
+        self.reconcile_interval = interval.to_owned();
     }
 
     /// Makes later starts read the controller token from `path` (to test refusals).
@@ -89,7 +96,9 @@ impl Agent {
             .arg(&self.token_file)
             .arg("--admin-socket")
             .arg(self.admin_socket())
-            .args(["--reconcile-interval", "100ms", "--log-format", "json"])
+            .arg("--reconcile-interval")
+            .arg(&self.reconcile_interval)
+            .args(["--log-format", "json"])
             .arg("--log")
             .arg(&self.log_filter)
             .args(&self.extra_args);

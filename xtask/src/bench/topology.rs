@@ -70,6 +70,9 @@ impl Topology {
         for (node, enrolled) in [(&client_node, &mesh.client), (&server_node, &mesh.server)] {
             let mut agent = Agent::new(node, &controller, &[])?;
             agent.set_log_filter("info");
+            // The production interval: the tests' 100 ms would add a reconcile's work to
+            // every measurement.
+            agent.set_reconcile_interval("1s");
             agent.start(&cluster)?;
             agent.wait_enrolled(&[enrolled])?;
             agents.push(agent);
