@@ -11,6 +11,7 @@ pub mod health;
 pub mod httpd;
 pub mod identity;
 pub mod logging;
+pub mod memory;
 pub mod metrics;
 pub mod netlink;
 pub mod policy;

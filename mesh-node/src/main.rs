@@ -22,7 +22,7 @@ use mesh_node::metrics::{self, Metrics};
 use mesh_node::proxy::hbone::{Pool, PoolConfig};
 use mesh_node::proxy::mesh::Mesh;
 use mesh_node::proxy::{inbound, outbound};
-use mesh_node::{admin, ebpf, enrollment, health, httpd, netlink, proxy, tls};
+use mesh_node::{admin, ebpf, enrollment, health, httpd, memory, netlink, proxy, tls};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -67,6 +67,7 @@ fn configure(args: RunArgs) -> anyhow::Result<Config> {
 fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
     let open_files = raise_open_files_limit();
     info!(open_files, "open-files limit");
+    memory::limit_arenas();
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if cfg.worker_threads > 0 {
         runtime.worker_threads(cfg.worker_threads);
@@ -129,6 +130,7 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
     let readiness = health::Readiness::new(Some(config.clone()));
     let mut tasks = vec![
         tokio::spawn(control.run(stop.clone())),
+        tokio::spawn(memory::trim_periodically(stop.clone())),
         tokio::spawn(identities.run(
             config.subscribe(),
             |s: &Arc<NodeState>| s.local_identities(),
