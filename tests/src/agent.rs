@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 use serde_json::Value;
 
 use crate::controller::Controller;
+use crate::prometheus::Sample;
 use crate::{bin_path, wait_until, Cluster, Node, Pod, Proc};
 
 /// How long an agent may take to attach its programs and bind its listeners.
@@ -331,13 +332,6 @@ fn curl(url: &str) -> Command {
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "--max-time", "10", url]);
     cmd
-}
-
-/// One Prometheus sample.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Sample {
-    pub labels: BTreeMap<String, String>,
-    pub value: f64,
 }
 
 /// `name{k="v",...} value` (label values in our metrics hold no `",`: names and identities).

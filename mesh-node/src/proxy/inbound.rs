@@ -29,7 +29,7 @@ pub async fn handle(mesh: Arc<Mesh>, conn: TcpStream, peer: SocketAddr, stop: Ca
     let span = info_span!("inbound", src = %peer, dst = %local);
     async move {
         let state = mesh.config.state();
-        let rejected = |reason: &str| mesh.metrics.inbound_rejected.with_label_values(&[reason]).inc();
+        let rejected = |reason: &str| mesh.metrics().inbound_rejected.with_label_values(&[reason]).inc();
         let Some(pod) = Mesh::local_workload(&state, local.ip()) else {
             rejected("not_local_pod");
             return debug!("not an enrolled pod of this node; closing");
@@ -110,7 +110,7 @@ impl Handler for Inbound {
 
     fn bad_request(&self, reason: &'static str) {
         self.mesh
-            .metrics
+            .metrics()
             .inbound_rejected
             .with_label_values(&[reason])
             .inc();
@@ -136,6 +136,6 @@ impl Handler for Inbound {
     }
 
     fn handshake(&self, result: Result<Duration, &'static str>) {
-        self.mesh.metrics.handshake("server", result);
+        self.mesh.metrics().handshake("server", result);
     }
 }

@@ -2,7 +2,6 @@
 //! certificates, the TLS configs built from them, the HBONE pool and the proxy's socket mark.
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::{Identity, Workload};
@@ -23,7 +22,6 @@ pub struct Mesh {
     /// SO_MARK on every connection the proxy makes to a pod: STRICT pods admit only these.
     pub proxy_mark: u32,
     pub connect_timeout: Duration,
-    pub metrics: Arc<Metrics>,
     /// The live connections and their telemetry.
     pub connections: Connections,
     round_robin: AtomicUsize,
@@ -39,8 +37,7 @@ impl Mesh {
         connect_timeout: Duration,
         connections: Connections,
     ) -> Self {
-        let metrics = connections.metrics().clone();
-        let observer = metrics.clone();
+        let observer = connections.metrics().clone();
         pool.observe_dials(Box::new(move |r| observer.handshake("client", r)));
         Mesh {
             config,
@@ -49,10 +46,13 @@ impl Mesh {
             pool,
             proxy_mark,
             connect_timeout,
-            metrics,
             connections,
             round_robin: AtomicUsize::new(0),
         }
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        self.connections.metrics()
     }
 
     /// The next of `n` choices, in turn (endpoint selection).
@@ -79,7 +79,7 @@ impl Mesh {
     pub fn authorize(&self, state: &NodeState, dst: &Workload, source: &Identity, port: u16) -> Decision {
         let decision = policy::authorize(state.policies.values(), dst, source, port);
         if let Decision::Deny { policy } = &decision {
-            self.metrics
+            self.metrics()
                 .policy_denials
                 .with_label_values(&[policy.as_str()])
                 .inc();

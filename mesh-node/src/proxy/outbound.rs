@@ -51,7 +51,7 @@ pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: 
             Route::Hbone { local: true, .. } => "local",
             Route::Hbone { local: false, .. } => "hbone",
         };
-        mesh.metrics.outbound.with_label_values(&[label]).inc();
+        mesh.metrics().outbound.with_label_values(&[label]).inc();
         let source = Mesh::local_workload(&state, peer.ip());
         let mut meta = ConnMeta {
             direction: Direction::Outbound,
