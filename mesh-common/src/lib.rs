@@ -18,7 +18,8 @@ pub const MAP_TUPLE_DST: &str = "mesh_tuple_dst";
 pub const MAP_EXCL_PORTS: &str = "mesh_excl_ports";
 pub const MAP_EXCL_CIDRS: &str = "mesh_excl_cidrs";
 pub const MAP_COUNTERS: &str = "mesh_counters";
-/// Local pod addresses whose inbound HBONE (port 15008) the uplink's tc program captures.
+/// Local enrolled pod addresses: their inbound HBONE (port 15008) is captured on the uplink,
+/// and PERMISSIVE pods' inbound plaintext is steered to the proxy's plaintext listener.
 pub const MAP_LOCAL_IPS: &str = "mesh_local_ips";
 /// The single [`TcConfig`] of the tc programs: the capture and proxy marks.
 pub const MAP_TC_CONFIG: &str = "mesh_tc_config";
@@ -61,6 +62,8 @@ pub const TC_CONFIG_MAX_ENTRIES: u32 = 1;
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
 /// HBONE (mTLS tunnel) port: never captured on the way out.
 pub const HBONE_PORT: u16 = 15008;
+/// Default port of the proxy's inbound plaintext listener (PERMISSIVE pods).
+pub const DEFAULT_INBOUND_PLAIN_PORT: u16 = 15006;
 /// `SO_ORIGINAL_DST` (level `SOL_IP`) and `IP6T_SO_ORIGINAL_DST` (level `SOL_IPV6`).
 pub const SO_ORIGINAL_DST: i32 = 80;
 /// How many ancestor levels of the caller's cgroup the connect programs check for enrollment.
@@ -86,6 +89,13 @@ pub struct ProxyConfig {
     pub port: u16,
     /// `CONFIG_HAS_V4` | `CONFIG_HAS_V6`.
     pub flags: u16,
+    /// Inbound plaintext listener port (PERMISSIVE pods), host byte order.
+    pub inbound_plain_port: u16,
+    /// Zero.
+    pub reserved: [u16; 3],
+    /// cgroup v2 id of the proxy: its own connects to PERMISSIVE pods are never steered back
+    /// to itself.
+    pub proxy_cgroup: u64,
 }
 
 /// `TcConfig::flags`: the entry has been written (an all-zero entry means "not configured":
@@ -111,6 +121,10 @@ pub struct TcConfig {
 /// Value of `mesh_local_ips` (key: the pod address in v6 form, `[u32; 4]`): capture inbound
 /// HBONE to this address.
 pub const LOCAL_IP_CAPTURE_INBOUND: u32 = 1 << 0;
+/// Value of `mesh_local_ips`: the pod is PERMISSIVE; steer plaintext TCP to it from outside the
+/// mesh (non-enrolled local pods through connect4/6, other hosts on the uplink) to the proxy's
+/// inbound plaintext listener, where policy applies.
+pub const LOCAL_IP_PERMISSIVE: u32 = 1 << 1;
 
 /// `Enrollment::flags`: capture this cgroup's (and its descendants') outbound TCP.
 pub const ENROLL_CAPTURE_OUTBOUND: u32 = 1 << 0;
@@ -215,10 +229,18 @@ pub enum Counter {
     StrictDropped,
     /// SYNs into a STRICT pod let through: they carry the proxy's mark.
     StrictAllowedProxy,
+    /// Connects from outside the mesh to a local PERMISSIVE pod rewritten to the proxy's
+    /// inbound plaintext listener (connect4/6).
+    PlainRedirected,
+    /// SYNs from the uplink to a local PERMISSIVE pod assigned to the plaintext listener.
+    PlainSteered,
+    /// ... of which the plaintext listener could not be found or assigned (the SYN goes on
+    /// marked, to be dropped: nothing reaches the pod around the proxy).
+    PlainNoListener,
 }
 
 /// Number of counters (entries of `mesh_counters`).
-pub const COUNTER_COUNT: u32 = 24;
+pub const COUNTER_COUNT: u32 = 27;
 
 /// Name of each counter, indexed by `Counter as usize`.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -246,12 +268,15 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "tc_no_config",
     "strict_dropped",
     "strict_allowed_proxy",
+    "plain_redirected",
+    "plain_steered",
+    "plain_no_listener",
 ];
 
 // The counter list and its names must stay in step.
-const _: () = assert!(Counter::StrictAllowedProxy as u32 + 1 == COUNTER_COUNT);
+const _: () = assert!(Counter::PlainNoListener as u32 + 1 == COUNTER_COUNT);
 const _: () = assert!(core::mem::size_of::<TcConfig>() == 16);
-const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<Enrollment>() == 8);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
 const _: () = assert!(core::mem::size_of::<SockKey>() == 40);
@@ -303,7 +328,13 @@ mod user {
     }
 
     impl ProxyConfig {
-        pub fn new(ipv4: Option<Ipv4Addr>, ipv6: Option<Ipv6Addr>, port: u16) -> Self {
+        pub fn new(
+            ipv4: Option<Ipv4Addr>,
+            ipv6: Option<Ipv6Addr>,
+            port: u16,
+            inbound_plain_port: u16,
+            proxy_cgroup: u64,
+        ) -> Self {
             let mut flags = 0;
             if ipv4.is_some() {
                 flags |= CONFIG_HAS_V4;
@@ -316,6 +347,9 @@ mod user {
                 ipv6: ipv6.map_or([0; 4], |a| addr_from_octets(a.octets())),
                 port,
                 flags,
+                inbound_plain_port,
+                reserved: [0; 3],
+                proxy_cgroup,
             }
         }
 

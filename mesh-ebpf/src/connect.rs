@@ -1,6 +1,10 @@
 //! `cgroup/connect4` and `cgroup/connect6`: rewrite an enrolled cgroup's TCP connect to the
-//! node proxy's outbound listener and remember the original destination by socket cookie.
-//! They always return 1 (allow): capture failing open is better than breaking the app.
+//! node proxy's outbound listener, and a connect from outside the mesh (a pod that is not
+//! enrolled or opted out) to a local PERMISSIVE pod to the proxy's inbound plaintext listener;
+//! either way remember the original destination by socket cookie.
+//! Outbound capture fails open (the connect goes on uncaptured: better than breaking the app);
+//! plaintext steering fails closed (the connect is refused, EPERM): letting it through would
+//! bypass the pod's policy.
 
 use aya_ebpf::{
     bindings::bpf_sock_addr,
@@ -11,12 +15,13 @@ use aya_ebpf::{
 use core::ptr::addr_of_mut;
 use mesh_common::{
     is_v4_mapped, v4_mapped, Counter, OrigDst, ProxyConfig, AF_INET, AF_INET6, CONFIG_HAS_V4, CONFIG_HAS_V6,
-    HBONE_PORT, MAX_CGROUP_DEPTH, ORIG_VIA_CONNECT6,
+    HBONE_PORT, LOCAL_IP_PERMISSIVE, MAX_CGROUP_DEPTH, ORIG_VIA_CONNECT6,
 };
 
 use crate::{
     ctx::{rd, rd_words, wr, wr_words},
     maps::{cidr_excluded, config, count, port_excluded, MESH_COOKIE_DST, MESH_ENROLLED},
+    tc::MESH_LOCAL_IPS,
 };
 
 const SOCK_STREAM: u32 = 1;
@@ -24,62 +29,107 @@ const IPPROTO_TCP: u32 = 6;
 
 #[cgroup_sock_addr(connect4)]
 pub fn mesh_connect4(ctx: SockAddrContext) -> i32 {
-    unsafe { connect4(ctx.sock_addr) };
-    1
+    unsafe { connect4(ctx.sock_addr) }
 }
 
 #[cgroup_sock_addr(connect6)]
 pub fn mesh_connect6(ctx: SockAddrContext) -> i32 {
-    unsafe { connect6(ctx.sock_addr) };
-    1
+    unsafe { connect6(ctx.sock_addr) }
 }
 
-/// Why a connect is left alone, checked cheapest first; `None` means "capture it".
+/// What to do with a connect.
+enum Verdict {
+    /// An enrolled pod's outbound connection: to the outbound listener.
+    Outbound,
+    /// Plaintext from outside the mesh to a local PERMISSIVE pod: to the inbound plaintext
+    /// listener, where policy applies with no authenticated principal.
+    Plain,
+    Skip(Counter),
+}
+
+/// Return values of the connect programs.
+const ALLOW: i32 = 1;
+const REFUSE: i32 = 0;
+
+impl Verdict {
+    /// What to return when the connect cannot be rewritten.
+    #[inline(always)]
+    fn unsteered(&self) -> i32 {
+        match self {
+            Verdict::Plain => REFUSE,
+            _ => ALLOW,
+        }
+    }
+
+    /// The proxy port it goes to.
+    #[inline(always)]
+    fn port(&self, cfg: &ProxyConfig) -> u16 {
+        match self {
+            Verdict::Plain => cfg.inbound_plain_port,
+            _ => cfg.port,
+        }
+    }
+}
+
+/// Checked cheapest first.
 #[inline(always)]
-unsafe fn common_checks(sa: *mut bpf_sock_addr, dst: &[u32; 4], port: u16, is_self: bool) -> Option<Counter> {
+unsafe fn decide(
+    sa: *mut bpf_sock_addr,
+    cfg: &ProxyConfig,
+    dst: &[u32; 4],
+    port: u16,
+    is_self: bool,
+) -> Verdict {
     let sa_type = unsafe { rd(addr_of_mut!((*sa).type_)) };
     let protocol = unsafe { rd(addr_of_mut!((*sa).protocol)) };
     if sa_type != SOCK_STREAM || protocol != IPPROTO_TCP {
-        return Some(Counter::SkipNotTcp);
+        return Verdict::Skip(Counter::SkipNotTcp);
     }
     if is_loopback(dst) {
-        return Some(Counter::SkipLoopback);
-    }
-    if port == HBONE_PORT {
-        return Some(Counter::SkipHbonePort);
+        return Verdict::Skip(Counter::SkipLoopback);
     }
     if is_self {
-        return Some(Counter::SkipSelf);
+        return Verdict::Skip(Counter::SkipSelf);
     }
     if !enrolled() {
-        return Some(Counter::SkipNotEnrolled);
+        // Outside the mesh: only plaintext into a PERMISSIVE pod of this node is steered, on
+        // every port (its HBONE port too: a pod may listen there itself), never the proxy's own
+        // connects to pods, and no exclusion applies (they are for outbound capture).
+        if cfg.inbound_plain_port != 0 && !is_proxy(cfg) && is_permissive_pod(dst) {
+            return Verdict::Plain;
+        }
+        return Verdict::Skip(Counter::SkipNotEnrolled);
+    }
+    if port == HBONE_PORT {
+        return Verdict::Skip(Counter::SkipHbonePort);
     }
     if port_excluded(port) {
-        return Some(Counter::SkipExcludedPort);
+        return Verdict::Skip(Counter::SkipExcludedPort);
     }
     if cidr_excluded(*dst) {
-        return Some(Counter::SkipExcludedCidr);
+        return Verdict::Skip(Counter::SkipExcludedCidr);
     }
-    None
+    Verdict::Outbound
 }
 
 #[inline(always)]
-unsafe fn connect4(sa: *mut bpf_sock_addr) {
+unsafe fn connect4(sa: *mut bpf_sock_addr) -> i32 {
     let Some(cfg) = config() else {
         count(Counter::SkipNoConfig);
-        return;
+        return ALLOW;
     };
     let ip4 = unsafe { rd(addr_of_mut!((*sa).user_ip4)) };
     let port = user_port(unsafe { rd(addr_of_mut!((*sa).user_port)) });
     let dst = v4_mapped(ip4);
     let is_self = cfg.flags & CONFIG_HAS_V4 != 0 && ip4 == cfg.ipv4 && port == cfg.port;
-    if let Some(skip) = unsafe { common_checks(sa, &dst, port, is_self) } {
+    let verdict = unsafe { decide(sa, &cfg, &dst, port, is_self) };
+    if let Verdict::Skip(skip) = verdict {
         count(skip);
-        return;
+        return ALLOW;
     }
     if cfg.flags & CONFIG_HAS_V4 == 0 {
         count(Counter::SkipNoProxyAddr);
-        return;
+        return verdict.unsteered();
     }
     let orig = OrigDst {
         addr: dst,
@@ -88,20 +138,24 @@ unsafe fn connect4(sa: *mut bpf_sock_addr) {
         flags: 0,
     };
     if !unsafe { save(sa, &orig) } {
-        return;
+        return verdict.unsteered();
     }
     unsafe {
         wr(addr_of_mut!((*sa).user_ip4), cfg.ipv4);
-        wr(addr_of_mut!((*sa).user_port), set_user_port(&cfg));
+        wr(addr_of_mut!((*sa).user_port), user_port_raw(verdict.port(&cfg)));
     }
-    count(Counter::RedirectedV4);
+    count(match verdict {
+        Verdict::Plain => Counter::PlainRedirected,
+        _ => Counter::RedirectedV4,
+    });
+    ALLOW
 }
 
 #[inline(always)]
-unsafe fn connect6(sa: *mut bpf_sock_addr) {
+unsafe fn connect6(sa: *mut bpf_sock_addr) -> i32 {
     let Some(cfg) = config() else {
         count(Counter::SkipNoConfig);
-        return;
+        return ALLOW;
     };
     let dst = unsafe { rd_words(addr_of_mut!((*sa).user_ip6)) };
     let port = user_port(unsafe { rd(addr_of_mut!((*sa).user_port)) });
@@ -112,20 +166,21 @@ unsafe fn connect6(sa: *mut bpf_sock_addr) {
         } else {
             cfg.flags & CONFIG_HAS_V6 != 0 && dst == cfg.ipv6
         };
-    if let Some(skip) = unsafe { common_checks(sa, &dst, port, is_self) } {
+    let verdict = unsafe { decide(sa, &cfg, &dst, port, is_self) };
+    if let Verdict::Skip(skip) = verdict {
         count(skip);
-        return;
+        return ALLOW;
     }
     let (target, family, counter) = if mapped {
         if cfg.flags & CONFIG_HAS_V4 == 0 {
             count(Counter::SkipNoProxyAddr);
-            return;
+            return verdict.unsteered();
         }
         (v4_mapped(cfg.ipv4), AF_INET, Counter::RedirectedV4Mapped)
     } else {
         if cfg.flags & CONFIG_HAS_V6 == 0 {
             count(Counter::SkipNoProxyAddr);
-            return;
+            return verdict.unsteered();
         }
         (cfg.ipv6, AF_INET6, Counter::RedirectedV6)
     };
@@ -136,17 +191,21 @@ unsafe fn connect6(sa: *mut bpf_sock_addr) {
         flags: ORIG_VIA_CONNECT6,
     };
     if !unsafe { save(sa, &orig) } {
-        return;
+        return verdict.unsteered();
     }
     unsafe {
         wr_words(addr_of_mut!((*sa).user_ip6), target);
-        wr(addr_of_mut!((*sa).user_port), set_user_port(&cfg));
+        wr(addr_of_mut!((*sa).user_port), user_port_raw(verdict.port(&cfg)));
     }
-    count(counter);
+    count(match verdict {
+        Verdict::Plain => Counter::PlainRedirected,
+        _ => counter,
+    });
+    ALLOW
 }
 
 /// Cookie → original destination. Without it the proxy could not route the connection, so
-/// a failed save leaves the connect alone.
+/// a failed save does not rewrite the connect.
 #[inline(always)]
 unsafe fn save(sa: *mut bpf_sock_addr, orig: &OrigDst) -> bool {
     let cookie = unsafe { bpf_get_socket_cookie(sa.cast()) };
@@ -196,6 +255,21 @@ fn user_port(raw: u32) -> u16 {
 }
 
 #[inline(always)]
-fn set_user_port(cfg: &ProxyConfig) -> u32 {
-    cfg.port.to_be() as u32
+fn user_port_raw(port: u16) -> u32 {
+    port.to_be() as u32
+}
+
+/// The caller is the proxy itself (its connects to pods carry policy already).
+#[inline(always)]
+fn is_proxy(cfg: &ProxyConfig) -> bool {
+    let current = unsafe { bpf_get_current_cgroup_id() };
+    current == cfg.proxy_cgroup
+}
+
+/// `dst` is a PERMISSIVE enrolled pod of this node.
+#[inline(always)]
+fn is_permissive_pod(dst: &[u32; 4]) -> bool {
+    MESH_LOCAL_IPS
+        .get_ptr(dst)
+        .is_some_and(|flags| unsafe { *flags } & LOCAL_IP_PERMISSIVE != 0)
 }

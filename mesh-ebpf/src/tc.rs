@@ -15,7 +15,7 @@ use mesh_common::{v4_mapped, TcConfig, LOCAL_IPS_MAX_ENTRIES, TC_CONFIG_MAX_ENTR
 
 use crate::ctx::{rd, wr};
 
-/// Local pod address (v6 form) → `LOCAL_IP_CAPTURE_INBOUND`.
+/// Local pod address (v6 form) → `LOCAL_IP_CAPTURE_INBOUND` | `LOCAL_IP_PERMISSIVE`.
 #[map(name = "mesh_local_ips")]
 pub static MESH_LOCAL_IPS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(LOCAL_IPS_MAX_ENTRIES, 0);
 
@@ -41,6 +41,10 @@ const MAX_IPV6_EXT: u32 = 6;
 
 /// A TCP segment, as far as the programs care.
 pub struct Tcp {
+    /// Source address, v6 form (IPv4 as v4-mapped), network-order words.
+    pub src: [u32; 4],
+    /// Source port, host order (0 in a non-first fragment).
+    pub src_port: u16,
     /// Destination address, v6 form (IPv4 as v4-mapped), network-order words.
     pub dst: [u32; 4],
     /// Destination port, host order (0 in a non-first fragment).
@@ -102,18 +106,21 @@ fn parse_v4(ctx: &TcContext) -> Option<Parsed> {
         return Some(Parsed::Other);
     }
     let frag = u16::from_be(ctx.load::<u16>(ETH_HLEN + 6).ok()?);
+    let src = v4_mapped(ctx.load(ETH_HLEN + 12).ok()?);
     let dst: u32 = ctx.load(ETH_HLEN + 16).ok()?;
     let dst = v4_mapped(dst);
     let more_fragments = frag & 0x2000 != 0;
     if frag & 0x1fff != 0 {
         return Some(Parsed::Tcp(Tcp {
+            src,
+            src_port: 0,
             dst,
             dst_port: 0,
             flags: 0,
             fragment: true,
         }));
     }
-    Some(tcp_at(ctx, ETH_HLEN + ihl, dst, more_fragments))
+    Some(tcp_at(ctx, ETH_HLEN + ihl, src, dst, more_fragments))
 }
 
 #[inline(always)]
@@ -123,13 +130,14 @@ fn parse_v6(ctx: &TcContext) -> Option<Parsed> {
         return None;
     }
     let mut next: u8 = ctx.load(ETH_HLEN + 6).ok()?;
+    let src: [u32; 4] = ctx.load(ETH_HLEN + 8).ok()?;
     let dst: [u32; 4] = ctx.load(ETH_HLEN + 24).ok()?;
     let mut off = ETH_HLEN + IPV6_HLEN;
     let mut fragment = false;
     let mut i = 0;
     while i < MAX_IPV6_EXT {
         match next {
-            IPPROTO_TCP => return Some(tcp_at(ctx, off, dst, fragment)),
+            IPPROTO_TCP => return Some(tcp_at(ctx, off, src, dst, fragment)),
             // Hop-by-hop, routing, destination options: length in 8-octet units, minus one.
             0 | 43 | 60 => {
                 let hdr: [u8; 2] = ctx.load(off).ok()?;
@@ -152,6 +160,8 @@ fn parse_v6(ctx: &TcContext) -> Option<Parsed> {
                         return Some(Parsed::Other);
                     }
                     return Some(Parsed::Tcp(Tcp {
+                        src,
+                        src_port: 0,
                         dst,
                         dst_port: 0,
                         flags: 0,
@@ -165,7 +175,7 @@ fn parse_v6(ctx: &TcContext) -> Option<Parsed> {
         i += 1;
     }
     if next == IPPROTO_TCP {
-        return Some(tcp_at(ctx, off, dst, fragment));
+        return Some(tcp_at(ctx, off, src, dst, fragment));
     }
     match next {
         0 | 43 | 44 | 51 | 60 => Some(Parsed::Opaque),
@@ -176,16 +186,20 @@ fn parse_v6(ctx: &TcContext) -> Option<Parsed> {
 /// The TCP header at `off`. A header cut short by fragmentation is reported as a fragment
 /// without port or flags.
 #[inline(always)]
-fn tcp_at(ctx: &TcContext, off: usize, dst: [u32; 4], fragment: bool) -> Parsed {
+fn tcp_at(ctx: &TcContext, off: usize, src: [u32; 4], dst: [u32; 4], fragment: bool) -> Parsed {
     let hdr: Option<[u8; 14]> = ctx.load(off).ok();
     match hdr {
         Some(h) => Parsed::Tcp(Tcp {
+            src,
+            src_port: u16::from_be_bytes([h[0], h[1]]),
             dst,
             dst_port: u16::from_be_bytes([h[2], h[3]]),
             flags: h[13],
             fragment,
         }),
         None => Parsed::Tcp(Tcp {
+            src,
+            src_port: 0,
             dst,
             dst_port: 0,
             flags: 0,

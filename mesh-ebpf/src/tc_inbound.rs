@@ -1,18 +1,39 @@
-//! tc ingress (TCX) on the node's uplink: every packet of a TCP flow to a local pod's HBONE
-//! port (15008) gets the capture mark OR-ed into `skb->mark`. A policy-routing rule scoped to
-//! the uplink (`iif <uplink> fwmark CAPTURE/CAPTURE lookup T`, `local 0.0.0.0/0 dev lo table T`)
-//! then delivers it locally, to the proxy's transparent listener on `0.0.0.0:15008`, instead
-//! of forwarding it to the pod. Every packet, not only the SYN: the established flow must keep
-//! being delivered locally.
+//! tc ingress (TCX) on the node's uplink. Two jobs, both for local enrolled pods
+//! (`mesh_local_ips`); every packet they concern gets the capture mark OR-ed into `skb->mark`.
+//! A policy-routing rule scoped to the uplink (`iif <uplink> fwmark CAPTURE/CAPTURE lookup T`,
+//! `local 0.0.0.0/0 dev lo table T`) then delivers it locally instead of forwarding it to the pod.
+//!
+//! - HBONE: every packet of a TCP flow to a pod's port 15008, to the proxy's transparent
+//!   listener on `*:15008` (the normal socket lookup finds it: same port).
+//! - Plaintext to a PERMISSIVE pod on any other port (DESIGN.md §4): a SYN is assigned
+//!   (`bpf_sk_assign`) to the proxy's transparent inbound plaintext listener (`*:15006`), so
+//!   the accepted socket's local address is the pod's `IP:port`, the original destination.
+//!   Later packets of a flow are marked only when they belong to a socket of this namespace
+//!   (the proxy's accepted one), found by the same lookup the stack will do; a flow that
+//!   reached the pod before the pod was steered (no socket here) keeps flowing to the pod.
+//!   A fragment cannot be told apart, so it is marked: a fragmented SYN then goes to no socket
+//!   rather than around the proxy.
 //!
 //! The program never drops and never decides policy: it returns `TCX_NEXT` for everything.
 
-use aya_ebpf::{macros::classifier, programs::TcContext};
-use mesh_common::{Counter, HBONE_PORT};
+use aya_ebpf::{
+    bindings::{
+        bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN,
+    },
+    helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    macros::classifier,
+    programs::TcContext,
+};
+use core::{mem::size_of, ptr::addr_of_mut};
+use mesh_common::{is_v4_mapped, Counter, HBONE_PORT, LOCAL_IP_PERMISSIVE};
 
 use crate::{
-    maps::count,
-    tc::{mark, parse, set_mark, tc_config, Parsed, MESH_LOCAL_IPS, TCX_NEXT},
+    ctx::rd,
+    maps::{config, count},
+    tc::{
+        mark, parse, set_mark, tc_config, Parsed, Tcp, MESH_LOCAL_IPS, TCP_FLAG_ACK, TCP_FLAG_SYN, TCX_NEXT,
+    },
 };
 
 #[classifier]
@@ -26,13 +47,99 @@ fn inbound(ctx: &TcContext) {
     let Parsed::Tcp(tcp) = parse(ctx) else {
         return;
     };
-    if tcp.dst_port != HBONE_PORT || MESH_LOCAL_IPS.get_ptr(&tcp.dst).is_none() {
+    let Some(pod) = MESH_LOCAL_IPS.get_ptr(&tcp.dst) else {
         return;
-    }
+    };
+    let pod_flags = unsafe { *pod };
     let Some(cfg) = tc_config() else {
         count(Counter::TcNoConfig);
         return;
     };
-    set_mark(ctx, mark(ctx) | cfg.capture_mark);
-    count(Counter::InboundMarked);
+    let capture = if tcp.dst_port == HBONE_PORT {
+        count(Counter::InboundMarked);
+        true
+    } else {
+        pod_flags & LOCAL_IP_PERMISSIVE != 0 && steer_plain(ctx, &tcp)
+    };
+    if capture {
+        set_mark(ctx, mark(ctx) | cfg.capture_mark);
+    }
+}
+
+/// Whether a plaintext packet to a PERMISSIVE pod goes to the proxy; assigns a SYN to the
+/// plaintext listener.
+#[inline(always)]
+fn steer_plain(ctx: &TcContext, tcp: &Tcp) -> bool {
+    if tcp.fragment {
+        return true;
+    }
+    let Some(port) = config().map(|c| c.inbound_plain_port).filter(|p| *p != 0) else {
+        return false;
+    };
+    let opens = tcp.flags & TCP_FLAG_SYN != 0 && tcp.flags & TCP_FLAG_ACK == 0;
+    if !opens {
+        return has_socket(ctx, tcp);
+    }
+    count(Counter::PlainSteered);
+    if !assign(ctx, tcp, port) {
+        // Marked all the same: with no listener the SYN is dropped here, never forwarded to
+        // the pod around the proxy.
+        count(Counter::PlainNoListener);
+    }
+    true
+}
+
+/// A socket of this namespace (not a listener) owns the packet's 4-tuple.
+#[inline(always)]
+fn has_socket(ctx: &TcContext, tcp: &Tcp) -> bool {
+    let (mut tuple, size) = tuple(tcp, tcp.dst_port);
+    let sk = unsafe { lookup(ctx, &mut tuple, size) };
+    if sk.is_null() {
+        return false;
+    }
+    let state = unsafe { rd(addr_of_mut!((*sk).state)) };
+    unsafe { bpf_sk_release(sk.cast()) };
+    state != BPF_TCP_LISTEN
+}
+
+/// Assigns the packet to the listener on `port` that accepts for the packet's destination
+/// address (the proxy's transparent `*:port`).
+#[inline(always)]
+fn assign(ctx: &TcContext, tcp: &Tcp, port: u16) -> bool {
+    let (mut tuple, size) = tuple(tcp, port);
+    let sk = unsafe { lookup(ctx, &mut tuple, size) };
+    if sk.is_null() {
+        return false;
+    }
+    let state = unsafe { rd(addr_of_mut!((*sk).state)) };
+    let assigned = state == BPF_TCP_LISTEN && unsafe { bpf_sk_assign(ctx.skb.skb.cast(), sk.cast(), 0) } == 0;
+    unsafe { bpf_sk_release(sk.cast()) };
+    assigned
+}
+
+#[inline(always)]
+unsafe fn lookup(ctx: &TcContext, tuple: &mut bpf_sock_tuple, size: u32) -> *mut bpf_sock {
+    unsafe { bpf_skc_lookup_tcp(ctx.skb.skb.cast(), tuple, size, BPF_F_CURRENT_NETNS as u64, 0) }
+}
+
+/// The packet's tuple with destination port `dport`, and its size for the lookup helpers.
+#[inline(always)]
+fn tuple(tcp: &Tcp, dport: u16) -> (bpf_sock_tuple, u32) {
+    // SAFETY: a plain C union of integers; all-zero is a valid value of either member.
+    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    if is_v4_mapped(&tcp.dst) {
+        let v4 = unsafe { &mut t.__bindgen_anon_1.ipv4 };
+        v4.saddr = tcp.src[3];
+        v4.daddr = tcp.dst[3];
+        v4.sport = tcp.src_port.to_be();
+        v4.dport = dport.to_be();
+        (t, size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32)
+    } else {
+        let v6 = unsafe { &mut t.__bindgen_anon_1.ipv6 };
+        v6.saddr = tcp.src;
+        v6.daddr = tcp.dst;
+        v6.sport = tcp.src_port.to_be();
+        v6.dport = dport.to_be();
+        (t, size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32)
+    }
 }

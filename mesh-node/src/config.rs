@@ -17,6 +17,7 @@ use crate::{admin, health, metrics};
 
 /// The ports of DESIGN.md §5 that the agent owns.
 pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAIN_PORT: u16 = mesh_common::DEFAULT_INBOUND_PLAIN_PORT;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -164,6 +165,11 @@ pub struct RunArgs {
     /// Priority of the capture routing rule (`iif <uplink> fwmark M/M lookup <table>`).
     #[arg(long, env = "MESH_CAPTURE_RULE_PRIORITY", default_value_t = DEFAULT_RULE_PRIORITY)]
     pub capture_rule_priority: u32,
+
+    /// Port of the inbound plaintext listener: plaintext from outside the mesh to PERMISSIVE
+    /// pods is steered there and admitted by policy.
+    #[arg(long, env = "MESH_INBOUND_PLAIN_PORT", default_value_t = INBOUND_PLAIN_PORT)]
+    pub inbound_plain_port: u16,
 }
 
 /// A mark: decimal, or hexadecimal with a `0x` prefix.
@@ -223,6 +229,8 @@ pub enum ConfigError {
     ReservedCaptureTable(u32),
     #[error("--capture-rule-priority: {0} must be between 1 and 32765")]
     BadRulePriority(u32),
+    #[error("--inbound-plain-port: must not be 0, nor the outbound or HBONE port")]
+    BadInboundPlainPort,
 }
 
 impl Config {
@@ -231,6 +239,14 @@ impl Config {
         self.outbound_listeners
             .iter()
             .map(|a| SocketAddr::new(a.ip(), crate::proxy::hbone::HBONE_PORT))
+            .collect()
+    }
+
+    /// The inbound plaintext listeners, one per address family the node has.
+    pub fn inbound_plain_listeners(&self) -> Vec<SocketAddr> {
+        self.outbound_listeners
+            .iter()
+            .map(|a| SocketAddr::new(a.ip(), self.datapath.inbound_plain_port))
             .collect()
     }
 }
@@ -264,6 +280,9 @@ impl RunArgs {
         if self.capture_rule_priority == 0 || self.capture_rule_priority >= 32766 {
             return Err(ConfigError::BadRulePriority(self.capture_rule_priority));
         }
+        if [0, self.outbound_port, crate::proxy::hbone::HBONE_PORT].contains(&self.inbound_plain_port) {
+            return Err(ConfigError::BadInboundPlainPort);
+        }
         let outbound_listeners = [
             ipv4.map(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.outbound_port))),
             ipv6.map(|_| SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.outbound_port))),
@@ -290,6 +309,7 @@ impl RunArgs {
                 outbound_port: self.outbound_port,
                 exclude_ports: self.exclude_ports,
                 exclude_cidrs: self.exclude_cidrs,
+                inbound_plain_port: self.inbound_plain_port,
             },
             outbound_listeners,
             controller: ControllerEndpoint::new(
@@ -482,5 +502,19 @@ mod tests {
         .unwrap();
         assert_eq!(c.datapath.exclude_ports, vec![22, 53]);
         assert_eq!(c.datapath.exclude_cidrs.len(), 2);
+    }
+
+    #[test]
+    fn inbound_plain_port_defaults_and_refuses_the_proxys_other_ports() {
+        let c = parse(&["--node-ip", "10.0.0.1,fd00::1"]).unwrap();
+        assert_eq!(c.datapath.inbound_plain_port, 15006);
+        assert_eq!(
+            c.inbound_plain_listeners(),
+            vec!["0.0.0.0:15006".parse().unwrap(), "[::]:15006".parse().unwrap()]
+        );
+        for port in ["0", "15001", "15008"] {
+            let err = parse(&["--node-ip", "10.0.0.1", "--inbound-plain-port", port]).unwrap_err();
+            assert!(err.contains("--inbound-plain-port"), "{port}: {err}");
+        }
     }
 }

@@ -156,9 +156,9 @@ fn reconcile(datapath: &mut Datapath, state: &NodeState, kernel: &Kernel) -> Rep
         }
     }
 
-    let ips: BTreeSet<IpAddr> = state
+    let ips: BTreeMap<IpAddr, Mode> = state
         .enrolled_local()
-        .flat_map(|w| w.ips.iter().copied())
+        .flat_map(|w| w.ips.iter().map(|ip| (*ip, mode(w.mtls_mode))))
         .collect();
     match datapath.set_inbound(&kernel.routing.uplink, &ips) {
         Ok(diff) if !diff.ips_added.is_empty() || !diff.ips_removed.is_empty() => {

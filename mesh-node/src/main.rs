@@ -21,7 +21,7 @@ use mesh_node::logging::{self, LogControl};
 use mesh_node::metrics::{self, Metrics};
 use mesh_node::proxy::hbone::{Pool, PoolConfig};
 use mesh_node::proxy::mesh::Mesh;
-use mesh_node::proxy::{inbound, outbound};
+use mesh_node::proxy::{inbound, inbound_plain, outbound};
 use mesh_node::{admin, ebpf, enrollment, health, httpd, memory, netlink, proxy, tls};
 
 fn main() -> ExitCode {
@@ -196,6 +196,14 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
                 .with_context(|| format!("binding the HBONE listener on {a}"))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let plain_listeners = cfg
+        .inbound_plain_listeners()
+        .iter()
+        .map(|a| {
+            proxy::listener::bind_transparent(*a)
+                .with_context(|| format!("binding the inbound plaintext listener on {a}"))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     readiness.set_capture_active(true);
     let reused_pins = datapath.lock().map(|d| d.reused_pins()).unwrap_or_default();
     info!(
@@ -239,6 +247,14 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
         tracker.clone(),
         stop.clone(),
         move |c, p| outbound::handle(out_cfg.clone(), out_mesh.clone(), c, p),
+    )));
+    let plain_mesh = mesh.clone();
+    tasks.push(tokio::spawn(proxy::serve(
+        "inbound-plaintext",
+        plain_listeners,
+        tracker.clone(),
+        stop.clone(),
+        move |c, p| inbound_plain::handle(plain_mesh.clone(), c, p),
     )));
     let in_stop = stop.clone();
     tasks.push(tokio::spawn(proxy::serve(

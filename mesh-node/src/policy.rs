@@ -2,6 +2,11 @@
 //! semantics: DENY policies first, then ALLOW; default allow until an ALLOW policy selects
 //! the workload, which then admits only what one of its rules matches.
 //!
+//! Two kinds of source: a peer authenticated by its mesh certificate ([`authorize`]), and
+//! plaintext from outside the mesh, which has no principal ([`authorize_plaintext`]). For the
+//! latter a `from` entry that names principals or namespaces never matches (nothing vouches
+//! for the source), while rules on ports do; DENY still comes first.
+//!
 //! Pure: the caller hands in the policies it knows (the node's applied config) and logs,
 //! counts and enforces the [`Decision`].
 use mesh_api::{Action, Identity, Operation, Policy, Rule, Source, Workload};
@@ -40,6 +45,28 @@ pub fn authorize<'a>(
     src_identity: &Identity,
     dst_port: u16,
 ) -> Decision {
+    decide(policies, dst, Some(src_identity), dst_port)
+}
+
+/// Decides whether plaintext from outside the mesh may reach `dst` on `dst_port`: as
+/// [`authorize`], with no authenticated principal. A rule whose `from` names principals or
+/// namespaces does not match, so an ALLOW for a principal admits no plaintext, and a DENY for
+/// one does not deny it (a DENY by port, or with no `from`, does).
+pub fn authorize_plaintext<'a>(
+    policies: impl IntoIterator<Item = &'a Policy>,
+    dst: &Workload,
+    dst_port: u16,
+) -> Decision {
+    decide(policies, dst, None, dst_port)
+}
+
+/// `src`: the authenticated source, `None` for plaintext.
+fn decide<'a>(
+    policies: impl IntoIterator<Item = &'a Policy>,
+    dst: &Workload,
+    src: Option<&Identity>,
+    dst_port: u16,
+) -> Decision {
     let mut allow_policies = false;
     let mut allowed_by = None;
     for policy in policies {
@@ -48,10 +75,7 @@ pub fn authorize<'a>(
         }
         // Istio: a policy without rules matches nothing, so an ALLOW one allows nothing (it
         // still turns on default deny) and a DENY one denies nothing.
-        let matched = policy
-            .rules
-            .iter()
-            .any(|r| rule_matches(r, src_identity, dst_port));
+        let matched = policy.rules.iter().any(|r| rule_matches(r, src, dst_port));
         match policy.action {
             // DENY wins outright; no need to look further.
             Action::Deny if matched => {
@@ -78,16 +102,18 @@ pub fn authorize<'a>(
 }
 
 /// One of the `from` entries and one of the `to` entries match; an empty list matches all.
-fn rule_matches(rule: &Rule, src: &Identity, port: u16) -> bool {
+fn rule_matches(rule: &Rule, src: Option<&Identity>, port: u16) -> bool {
     let from = rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, src));
     let to = rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, port));
     from && to
 }
 
-/// Every non-empty list of the source matches (AND across lists, OR within one).
-fn source_matches(source: &Source, src: &Identity) -> bool {
-    let principal = source.principals.is_empty() || source.principals.contains(src);
-    let namespace = source.namespaces.is_empty() || source.namespaces.iter().any(|n| n == src.namespace());
+/// Every non-empty list of the source matches (AND across lists, OR within one). Without an
+/// authenticated source, a non-empty list never matches.
+fn source_matches(source: &Source, src: Option<&Identity>) -> bool {
+    let principal = source.principals.is_empty() || src.is_some_and(|id| source.principals.contains(id));
+    let namespace = source.namespaces.is_empty()
+        || src.is_some_and(|id| source.namespaces.iter().any(|n| n == id.namespace()));
     principal && namespace
 }
 
@@ -429,6 +455,118 @@ mod tests {
         assert_eq!(
             authorize(policies.values(), &web(), &id("shop", "cart"), 80),
             denied("shop/a")
+        );
+    }
+
+    #[test]
+    fn plaintext_has_no_principal() {
+        let frontend = id("shop", "frontend");
+        let only_frontend = || allow("frontend", vec![rule(vec![principals(&[&frontend])], &[])]);
+        // (what, policies, port, expected)
+        let cases: Vec<(&str, Vec<Policy>, u16, Decision)> = vec![
+            ("no policies: default allow", vec![], 8080, allowed(None)),
+            (
+                "an ALLOW for a principal admits no plaintext",
+                vec![only_frontend()],
+                8080,
+                denied(DEFAULT_DENY),
+            ),
+            (
+                "an ALLOW for a namespace admits no plaintext",
+                vec![allow("shop-ns", vec![rule(vec![namespaces(&["shop"])], &[])])],
+                8080,
+                denied(DEFAULT_DENY),
+            ),
+            (
+                "a source with an empty principal list and a namespace still needs the namespace",
+                vec![allow(
+                    "ns",
+                    vec![rule(
+                        vec![Source {
+                            principals: vec![],
+                            namespaces: vec!["shop".into()],
+                        }],
+                        &[8080],
+                    )],
+                )],
+                8080,
+                denied(DEFAULT_DENY),
+            ),
+            (
+                "a port-only ALLOW admits plaintext on that port",
+                vec![only_frontend(), allow("http", vec![rule(vec![], &[8080])])],
+                8080,
+                allowed(Some("shop/http")),
+            ),
+            (
+                "... and not on another",
+                vec![only_frontend(), allow("http", vec![rule(vec![], &[8080])])],
+                9090,
+                denied(DEFAULT_DENY),
+            ),
+            (
+                "an empty ALLOW rule admits plaintext",
+                vec![allow("all", vec![Rule::default()])],
+                9,
+                allowed(Some("shop/all")),
+            ),
+            (
+                "a DENY by port holds for plaintext, before any ALLOW",
+                vec![
+                    allow("a-all", vec![Rule::default()]),
+                    deny("z-port", vec![rule(vec![], &[9090])]),
+                ],
+                9090,
+                denied("shop/z-port"),
+            ),
+            (
+                "a DENY with an empty rule denies plaintext",
+                vec![deny("all", vec![Rule::default()])],
+                8080,
+                denied("shop/all"),
+            ),
+            (
+                "a DENY for a principal does not match plaintext",
+                vec![deny(
+                    "no-frontend",
+                    vec![rule(vec![principals(&[&frontend])], &[])],
+                )],
+                8080,
+                allowed(None),
+            ),
+            (
+                "a DENY for a namespace does not match plaintext",
+                vec![deny("no-ops", vec![rule(vec![namespaces(&["ops"])], &[])])],
+                8080,
+                allowed(None),
+            ),
+            (
+                "rules are ORed: the port rule matches where the principal rule cannot",
+                vec![allow(
+                    "two",
+                    vec![rule(vec![principals(&[&frontend])], &[]), rule(vec![], &[8080])],
+                )],
+                8080,
+                allowed(Some("shop/two")),
+            ),
+            (
+                "from AND to: a principal with a port does not match plaintext on that port",
+                vec![allow(
+                    "fe-http",
+                    vec![rule(vec![principals(&[&frontend])], &[8080])],
+                )],
+                8080,
+                denied(DEFAULT_DENY),
+            ),
+        ];
+        let dst = web();
+        for (what, policies, port, want) in cases {
+            assert_eq!(authorize_plaintext(&policies, &dst, port), want, "{what}");
+        }
+        // The same policies still admit the authenticated frontend.
+        assert_eq!(
+            authorize(&[only_frontend()], &dst, &frontend, 8080),
+            allowed(Some("shop/frontend"))
         );
     }
 }

@@ -268,6 +268,7 @@ impl Agent {
             outbound_port: 15001,
             exclude_ports: vec![],
             exclude_cidrs: vec![],
+            inbound_plain_port: 15006,
         }
     }
 
@@ -301,7 +302,11 @@ impl Agent {
     }
 
     fn set_inbound(&mut self, uplink: &str, pods: &[&Pod]) -> ebpf::InboundDiff {
-        let ips: BTreeSet<IpAddr> = pods.iter().flat_map(|p| [p.ipv4.into(), p.ipv6.into()]).collect();
+        // HBONE capture only: plaintext steering (PERMISSIVE) is tested end to end.
+        let ips: BTreeMap<IpAddr, Mode> = pods
+            .iter()
+            .flat_map(|p| [(p.ipv4.into(), Mode::Strict), (p.ipv6.into(), Mode::Strict)])
+            .collect();
         let netns = self.node.netns.clone();
         let dp = self.dp();
         in_netns(&netns, || dp.set_inbound(uplink, &ips)).expect("set_inbound")
@@ -840,7 +845,7 @@ fn errors_name_the_interface_and_the_missing_marks() {
 
     let netns = na.netns.clone();
     let dp = agent.dp();
-    let err = in_netns(&netns, || dp.set_inbound("nosuch0", &BTreeSet::new())).unwrap_err();
+    let err = in_netns(&netns, || dp.set_inbound("nosuch0", &BTreeMap::new())).unwrap_err();
     assert!(err.to_string().contains("nosuch0"), "{err}");
     let diff = in_netns(&netns, || {
         dp.set_strict(&BTreeMap::from([
@@ -877,7 +882,7 @@ fn errors_name_the_interface_and_the_missing_marks() {
     in_netns(&netns, || ebpf::uninstall(&dir)).unwrap();
     let mut dp = in_netns(&netns, || Datapath::start(&Agent::config(&na))).unwrap();
     assert_eq!(dp.marks(), None);
-    let err = in_netns(&netns, || dp.set_inbound("eth0", &BTreeSet::new())).unwrap_err();
+    let err = in_netns(&netns, || dp.set_inbound("eth0", &BTreeMap::new())).unwrap_err();
     assert!(matches!(err, ebpf::EbpfError::MarksNotSet), "{err}");
     agent.dp = Some(dp);
 }

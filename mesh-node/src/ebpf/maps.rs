@@ -1,8 +1,8 @@
-//! Typed access to the pinned maps: configuration, exclusions, enrollment, counters, and the
-//! original-destination lookup the proxy can use instead of `SO_ORIGINAL_DST`.
+//! Typed access to the pinned maps: configuration, exclusions, enrollment, local pod addresses,
+//! counters, and the original-destination lookup the proxy can use instead of `SO_ORIGINAL_DST`.
 
 use std::{
-    collections::{BTreeSet, HashMap as StdHashMap},
+    collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
     net::{IpAddr, SocketAddr},
 };
 
@@ -10,7 +10,7 @@ use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, 
 use ipnet::IpNet;
 use mesh_common::{
     self as common, addr_from_ip, ip_from_addr, Enrollment, OrigDst, ProxyConfig, SockKey, TcConfig,
-    COUNTER_COUNT, COUNTER_NAMES, ENROLL_CAPTURE_OUTBOUND, LOCAL_IP_CAPTURE_INBOUND,
+    COUNTER_COUNT, COUNTER_NAMES, ENROLL_CAPTURE_OUTBOUND,
 };
 
 use super::{error::EbpfError, DatapathConfig, EnrollDiff};
@@ -64,30 +64,31 @@ impl Maps {
             .map_err(|e| EbpfError::aya("writing mesh_tc_config", e))
     }
 
-    pub(crate) fn local_ips(&self) -> Result<BTreeSet<IpAddr>, EbpfError> {
+    /// The local pod addresses and their flags.
+    pub(crate) fn local_ips(&self) -> Result<BTreeMap<IpAddr, u32>, EbpfError> {
         self.local_ips
-            .keys()
-            .map(|k| k.map(|k| ip_from_addr(&k)))
-            .collect::<Result<BTreeSet<IpAddr>, _>>()
+            .iter()
+            .map(|r| r.map(|(k, f)| (ip_from_addr(&k), f)))
+            .collect::<Result<BTreeMap<IpAddr, u32>, _>>()
             .map_err(|e| EbpfError::aya("reading mesh_local_ips", e))
     }
 
-    /// Makes `mesh_local_ips` equal `desired`: new entries first, then stale ones out.
-    /// Returns (added, removed).
+    /// Makes `mesh_local_ips` equal `desired` (address → flags): new and changed entries first,
+    /// then stale ones out. Returns the addresses (added, removed).
     pub(crate) fn set_local_ips(
         &mut self,
-        desired: &BTreeSet<IpAddr>,
+        desired: &BTreeMap<IpAddr, u32>,
     ) -> Result<(Vec<IpAddr>, Vec<IpAddr>), EbpfError> {
         // Compared in map form: an IPv4 address and its v4-mapped IPv6 form are one key.
-        let want: BTreeSet<[u32; 4]> = desired.iter().map(|ip| addr_from_ip(*ip)).collect();
+        let want: BTreeMap<[u32; 4], u32> = desired.iter().map(|(ip, f)| (addr_from_ip(*ip), *f)).collect();
         let have = self
             .local_ips
-            .keys()
-            .collect::<Result<BTreeSet<[u32; 4]>, _>>()
+            .iter()
+            .collect::<Result<BTreeMap<[u32; 4], u32>, _>>()
             .map_err(|e| EbpfError::aya("reading mesh_local_ips", e))?;
-        let added: Vec<[u32; 4]> = want.difference(&have).copied().collect();
-        let removed: Vec<[u32; 4]> = have.difference(&want).copied().collect();
-        self.add_local_ips(added.iter())?;
+        let added: Vec<[u32; 4]> = want.keys().filter(|k| !have.contains_key(*k)).copied().collect();
+        let removed: Vec<[u32; 4]> = have.keys().filter(|k| !want.contains_key(*k)).copied().collect();
+        self.add_local_ips(want.iter().filter(|(k, f)| have.get(*k) != Some(*f)))?;
         for key in &removed {
             remove_ok(self.local_ips.remove(key)).map_err(|e| {
                 EbpfError::aya(format!("removing local pod address {}", ip_from_addr(key)), e)
@@ -101,14 +102,14 @@ impl Maps {
         Ok((sorted(&added), sorted(&removed)))
     }
 
-    /// Adds addresses (map form) without removing any.
+    /// Adds or updates addresses (map form → flags) without removing any.
     pub(crate) fn add_local_ips<'a>(
         &mut self,
-        keys: impl Iterator<Item = &'a [u32; 4]>,
+        entries: impl Iterator<Item = (&'a [u32; 4], &'a u32)>,
     ) -> Result<(), EbpfError> {
-        for key in keys {
+        for (key, flags) in entries {
             self.local_ips
-                .insert(key, LOCAL_IP_CAPTURE_INBOUND, 0)
+                .insert(key, flags, 0)
                 .map_err(|e| EbpfError::aya(format!("adding local pod address {}", ip_from_addr(key)), e))?;
         }
         Ok(())
@@ -116,8 +117,14 @@ impl Maps {
 
     /// Writes the proxy config and makes the exclusion maps equal the desired ones. New
     /// entries go in before old ones come out, so nothing still wanted is ever missing.
-    pub(crate) fn apply_config(&mut self, cfg: &DatapathConfig) -> Result<(), EbpfError> {
-        let proxy = ProxyConfig::new(cfg.proxy_ipv4, cfg.proxy_ipv6, cfg.outbound_port);
+    pub(crate) fn apply_config(&mut self, cfg: &DatapathConfig, proxy_cgroup: u64) -> Result<(), EbpfError> {
+        let proxy = ProxyConfig::new(
+            cfg.proxy_ipv4,
+            cfg.proxy_ipv6,
+            cfg.outbound_port,
+            cfg.inbound_plain_port,
+            proxy_cgroup,
+        );
         self.config
             .set(0, proxy, 0)
             .map_err(|e| EbpfError::aya("writing mesh_config", e))?;

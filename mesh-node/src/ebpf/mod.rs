@@ -68,6 +68,9 @@ pub struct DatapathConfig {
     pub outbound_port: u16,
     pub exclude_ports: Vec<u16>,
     pub exclude_cidrs: Vec<IpNet>,
+    /// Port of the proxy's inbound plaintext listener, where plaintext to PERMISSIVE pods is
+    /// steered (0: not steered).
+    pub inbound_plain_port: u16,
 }
 
 /// What `set_enrolled` changed (cgroup ids, ascending).
@@ -147,7 +150,9 @@ impl Default for Marks {
 /// A pod's mTLS mode, as far as the kernel is concerned.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Mode {
-    /// Plain TCP from anywhere reaches the pod.
+    /// mTLS from the mesh, and plain TCP from outside it: plaintext from pods that are not
+    /// enrolled and from other hosts is steered to the proxy's inbound plaintext listener,
+    /// where policy applies with no authenticated principal.
     Permissive,
     /// A connection into the pod must come from the node proxy (its mark); others' SYNs are
     /// dropped at the pod's host-side veth.
@@ -271,7 +276,7 @@ impl Datapath {
             (Prog::TcStrict, set.prog_id(Prog::TcStrict)),
         ];
         let mut maps = maps::Maps::new(std::mem::take(&mut set.maps))?;
-        maps.apply_config(cfg)?;
+        maps.apply_config(cfg, proxy_id)?;
 
         // Everything else under pin_dir is stale: other builds, leftovers of failed starts.
         let stale: Vec<PathBuf> = pins::list(pin_dir)?
@@ -427,8 +432,10 @@ impl Datapath {
     }
 
     /// Inbound capture: makes the set of local pod addresses whose HBONE port (15008) is
-    /// captured equal `local_pod_ips`, and ensures exactly one inbound link, on the TCX ingress
-    /// of `uplink` (an interface of this thread's network namespace). A valid link is re-used;
+    /// captured equal the keys of `local_pods`, steers plaintext to those whose mode is
+    /// [`Mode::Permissive`] to the inbound plaintext listener (on the uplink, and from local
+    /// pods outside the mesh through connect4/6), and ensures exactly one inbound link, on the
+    /// TCX ingress of `uplink` (an interface of this thread's network namespace). A valid link is re-used;
     /// a link on another interface (the uplink changed) is detached after the new one is
     /// attached. Addresses are added before the link is attached, so the first packet after
     /// the attach is already captured. Needs [`Datapath::set_marks`] first.
@@ -439,7 +446,7 @@ impl Datapath {
     pub fn set_inbound(
         &mut self,
         uplink: &str,
-        local_pod_ips: &BTreeSet<IpAddr>,
+        local_pods: &BTreeMap<IpAddr, Mode>,
     ) -> Result<InboundDiff, EbpfError> {
         if self.marks.is_none() {
             return Err(EbpfError::MarksNotSet);
@@ -449,7 +456,11 @@ impl Datapath {
             name: uplink.to_string(),
         })?;
         let _lock = self.lock()?;
-        let (ips_added, ips_removed) = self.maps.set_local_ips(local_pod_ips)?;
+        let flags = local_pods
+            .iter()
+            .map(|(ip, mode)| (*ip, local_ip_flags(*mode)))
+            .collect();
+        let (ips_added, ips_removed) = self.maps.set_local_ips(&flags)?;
         let attached = self.ensure_tc_link(Prog::TcInbound, ifindex)?;
         let mut detached = Vec::new();
         for pin in pins::tc_pins(&self.dir)? {
@@ -489,13 +500,13 @@ impl Datapath {
                 detached.push(iface(pin.ifindex));
             }
         }
-        self.maps.set_local_ips(&BTreeSet::new())?;
+        self.maps.set_local_ips(&BTreeMap::new())?;
         Ok(detached)
     }
 
     /// The local pod addresses inbound capture is on for (IPv4 as IPv4).
     pub fn local_ips(&self) -> Result<BTreeSet<IpAddr>, EbpfError> {
-        self.maps.local_ips()
+        Ok(self.maps.local_ips()?.into_keys().collect())
     }
 
     /// STRICT enforcement: the egress program is attached to exactly the host-side veths (names
@@ -602,6 +613,14 @@ impl Datapath {
             });
         }
         Ok(lock)
+    }
+}
+
+/// The `mesh_local_ips` value of a pod in `mode`.
+fn local_ip_flags(mode: Mode) -> u32 {
+    match mode {
+        Mode::Strict => mesh_common::LOCAL_IP_CAPTURE_INBOUND,
+        Mode::Permissive => mesh_common::LOCAL_IP_CAPTURE_INBOUND | mesh_common::LOCAL_IP_PERMISSIVE,
     }
 }
 

@@ -24,7 +24,7 @@
 //! holds cannot keep a stale program attached.
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::{BTreeMap, BTreeSet, HashMap},
     fs, io,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
@@ -519,16 +519,17 @@ pub(crate) fn enrolled_in(stale: &[PathBuf]) -> BTreeSet<u64> {
 }
 
 /// What the tc programs of other (stale) sets under `pin_dir` were configured with: the local
-/// pod addresses (map form) and the marks, so a replacement set captures and enforces the same
-/// from its first moment. Best effort: unreadable or differently shaped maps are skipped.
-pub(crate) fn tc_state_in(stale: &[PathBuf]) -> (BTreeSet<[u32; 4]>, Option<common::TcConfig>) {
+/// pod addresses (map form) with their flags, and the marks, so a replacement set captures and
+/// enforces the same from its first moment. Best effort: unreadable or differently shaped maps
+/// are skipped.
+pub(crate) fn tc_state_in(stale: &[PathBuf]) -> (BTreeMap<[u32; 4], u32>, Option<common::TcConfig>) {
     use aya::maps::{Array, HashMap as AyaHashMap, Map};
-    let mut ips = BTreeSet::new();
+    let mut ips = BTreeMap::new();
     let mut config = None;
     for dir in stale {
         let path = dir.join(common::MAP_LOCAL_IPS);
         if path.exists() {
-            let read = || -> Result<Vec<[u32; 4]>, String> {
+            let read = || -> Result<Vec<([u32; 4], u32)>, String> {
                 let data = MapData::from_pin(&path).map_err(|e| e.to_string())?;
                 let info = data.info().map_err(|e| e.to_string())?;
                 if (info.key_size(), info.value_size()) != (16, 4) {
@@ -540,7 +541,7 @@ pub(crate) fn tc_state_in(stale: &[PathBuf]) -> (BTreeSet<[u32; 4]>, Option<comm
                 }
                 let map = Map::from_map_data(data).map_err(|e| e.to_string())?;
                 let map = AyaHashMap::<MapData, [u32; 4], u32>::try_from(map).map_err(|e| e.to_string())?;
-                map.keys()
+                map.iter()
                     .collect::<Result<Vec<_>, _>>()
                     .map_err(|e| e.to_string())
             };

@@ -77,7 +77,16 @@ impl Mesh {
     /// May `source` reach `dst` on `port`, by the policies that select `dst`? Denials are
     /// counted by policy.
     pub fn authorize(&self, state: &NodeState, dst: &Workload, source: &Identity, port: u16) -> Decision {
-        let decision = policy::authorize(state.policies.values(), dst, source, port);
+        self.counted(policy::authorize(state.policies.values(), dst, source, port))
+    }
+
+    /// May plaintext from outside the mesh (no principal) reach `dst` on `port`? Denials are
+    /// counted by policy.
+    pub fn authorize_plaintext(&self, state: &NodeState, dst: &Workload, port: u16) -> Decision {
+        self.counted(policy::authorize_plaintext(state.policies.values(), dst, port))
+    }
+
+    fn counted(&self, decision: Decision) -> Decision {
         if let Decision::Deny { policy } = &decision {
             self.metrics()
                 .policy_denials

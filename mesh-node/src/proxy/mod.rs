@@ -1,9 +1,11 @@
 //! The node proxy, one module per direction (DESIGN.md §5): `outbound` carries captured
-//! connections of local pods, `inbound` terminates HBONE for them; both read `mesh` and move
+//! connections of local pods, `inbound` terminates HBONE for them, `inbound_plain` admits
+//! plaintext from outside the mesh to PERMISSIVE ones by policy; all read `mesh` and move
 //! bytes with `copy`.
 mod copy;
 pub mod hbone;
 pub mod inbound;
+pub mod inbound_plain;
 pub mod listener;
 pub mod mesh;
 pub mod orig_dst;

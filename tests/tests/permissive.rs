@@ -1,0 +1,361 @@
+//! PERMISSIVE mode keeps AuthorizationPolicy: plaintext from outside the mesh to an enrolled
+//! pod (a pod that is not enrolled, on the same node or another, or another node itself) is
+//! steered to the node proxy's inbound plaintext listener, where policy applies with no
+//! authenticated principal, and the proxy counts and logs it.
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use serde_json::Value;
+
+use mesh_harness::agent::{log_message, Agent};
+use mesh_harness::app::{accept_peer, client, echo_server, testapp, wait_mesh_path};
+use mesh_harness::controller::{namespace_yaml, pod_yaml, policy_yaml, Controller};
+use mesh_harness::{wait_until, Cluster, Node, Pod, Proc};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// Nodes a and b. `shop` (enrolled, PERMISSIVE) has `server` on a and `frontend` on b;
+/// `plain` (not enrolled) has `outsider` on a and `remote` on b. `agents[0]` runs on a.
+struct World {
+    /// Node a's agent when it runs inside the pods' cgroup root (`agents[0]` is then not
+    /// started, only used to reach its endpoints).
+    inside: Option<Proc>,
+    cluster: Cluster,
+    controller: Controller,
+    b: Node,
+    server: Pod,
+    frontend: Pod,
+    outsider: Pod,
+    remote: Pod,
+    agents: Vec<Agent>,
+}
+
+/// With `inside`, node a's agent is started with its node's whole cgroup as the pods' root,
+/// so that its own cgroup is inside it, as a DaemonSet pod's is inside the kubelet's root.
+fn world(name: &str, inside: bool) -> Result<World> {
+    let cluster = Cluster::new(name)?;
+    let a = cluster.add_node("a")?;
+    let b = cluster.add_node("b")?;
+    let server = cluster.add_pod("a", "server")?;
+    let frontend = cluster.add_pod("b", "frontend")?;
+    let outsider = cluster.add_pod("a", "outsider")?;
+    let remote = cluster.add_pod("b", "remote")?;
+    let controller = Controller::start(&cluster, &[])?;
+    let mut agents = Vec::new();
+    let mut inside_proc = None;
+    for node in cluster.nodes() {
+        let mut agent = Agent::new(&node, &controller, &["--access-log-sample-rate", "1"])?;
+        if inside && node.name == a.name {
+            let proc = cluster.spawn_on_node(&node, agent.command_with(&node.pin_dir, &node.cgroup)?)?;
+            proc.wait_for_line(WAIT, |l| log_message(l).as_deref() == Some("ready"))?;
+            inside_proc = Some(proc);
+        } else {
+            agent.start(&cluster)?;
+        }
+        agents.push(agent);
+    }
+    let mut plain = namespace_yaml("plain", &[]);
+    for pod in [&outsider, &remote] {
+        plain.push_str("---\n");
+        plain.push_str(&pod_yaml(pod, "plain", "default", &[]));
+    }
+    controller.apply("plain", &plain)?;
+    let w = World {
+        inside: inside_proc,
+        cluster,
+        controller,
+        b,
+        server,
+        frontend,
+        outsider,
+        remote,
+        agents,
+    };
+    w.shop("")?;
+    Ok(w)
+}
+
+impl World {
+    /// (Re)writes namespace `shop` (PERMISSIVE) with its pods and `extra` objects.
+    fn shop(&self, extra: &str) -> Result<()> {
+        let mut yaml = namespace_yaml(
+            "shop",
+            &[("mesh.dev/enroll", "true"), ("mesh.dev/mtls", "permissive")],
+        );
+        for pod in [&self.server, &self.frontend] {
+            yaml.push_str("---\n");
+            yaml.push_str(&pod_yaml(pod, "shop", &pod.name, &[("app", &pod.name)]));
+        }
+        yaml.push_str(extra);
+        self.controller.apply("shop", &yaml)
+    }
+
+    /// The server's address on `port`, IPv4 or IPv6.
+    fn server(&self, port: u16, v6: bool) -> SocketAddr {
+        let ip: IpAddr = if v6 {
+            self.server.ipv6.into()
+        } else {
+            self.server.ipv4.into()
+        };
+        SocketAddr::new(ip, port)
+    }
+
+    /// Every plaintext client outside the mesh: a pod on the server's node, a pod on another
+    /// node, and that other node's own network namespace.
+    fn plaintext_clients(&self) -> [Source<'_>; 3] {
+        [
+            Source::Pod(&self.outsider),
+            Source::Pod(&self.remote),
+            Source::Node(&self.b),
+        ]
+    }
+
+    /// One 1 KiB echo exchange from `src` to `dst`: whether it completed.
+    fn exchange(&self, src: &Source<'_>, dst: SocketAddr) -> Result<bool> {
+        let mut cmd = testapp()?;
+        cmd.args([
+            "client",
+            "--connect",
+            &dst.to_string(),
+            "--bytes",
+            "1024",
+            "--timeout-ms",
+            "5000",
+        ]);
+        let out = match src {
+            Source::Pod(pod) => self.cluster.exec_in_pod(pod, cmd)?,
+            Source::Node(node) => self.cluster.exec_on_node(node, cmd)?,
+        };
+        Ok(out.status.success())
+    }
+
+    /// Waits until the exchange from `src` to `dst` succeeds (`want`) or fails.
+    fn wait_exchange(&self, src: &Source<'_>, dst: SocketAddr, want: bool) -> Result<()> {
+        let what = format!(
+            "{} → {dst} to {}",
+            src.name(),
+            if want { "pass" } else { "be refused" }
+        );
+        wait_until(WAIT, &what, || match self.exchange(src, dst) {
+            Ok(ok) if ok == want => Ok(()),
+            Ok(ok) => Err(format!("last exchange ok={ok}")),
+            Err(e) => Err(format!("{e:#}")),
+        })
+    }
+
+    /// The access-log lines of node a's agent for plaintext connections.
+    fn plaintext_access(&self) -> Vec<Value> {
+        self.agents[0]
+            .logs()
+            .into_iter()
+            .filter(|l| l["target"] == "access" && l["route"] == "plaintext")
+            .collect()
+    }
+
+    fn metric(&self, name: &str, labels: &[(&str, &str)]) -> Result<f64> {
+        self.agents[0].metric_sum(&self.cluster, name, labels)
+    }
+}
+
+/// How many connections the echo server has accepted so far.
+fn accepts(server: &Proc) -> usize {
+    server
+        .lines()
+        .iter()
+        .filter(|(_, l)| l.contains(r#""event":"accept""#))
+        .count()
+}
+
+enum Source<'a> {
+    Pod(&'a Pod),
+    Node(&'a Node),
+}
+
+impl Source<'_> {
+    fn name(&self) -> String {
+        match self {
+            Source::Pod(p) => format!("pod {}", p.name),
+            Source::Node(n) => format!("node {}", n.name),
+        }
+    }
+}
+
+/// An ALLOW policy on `server` for the frontend's identity only.
+fn only_frontend() -> String {
+    format!(
+        "---\n{}",
+        policy_yaml(
+            "only-frontend",
+            "shop",
+            "server",
+            "ALLOW",
+            "cluster.local/ns/shop/sa/frontend"
+        )
+    )
+}
+
+/// A policy on `server` whose one rule matches `ports` from anyone.
+fn by_port(name: &str, action: &str, ports: &[u16]) -> String {
+    let ports: Vec<String> = ports.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        "---\napiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\n\
+         spec:\n  selector: {{matchLabels: {{app: server}}}}\n  action: {action}\n  \
+         rules: [{{to: [{{operation: {{ports: [{}]}}}}]}}]\n",
+        ports.join(", ")
+    )
+}
+
+#[test]
+fn plaintext_to_a_permissive_pod_goes_through_the_proxy_and_its_policy() -> Result<()> {
+    let w = world("permissive-policy", false)?;
+    let server = echo_server(&w.cluster, &w.server, &[8080, 9090])?;
+    wait_mesh_path(&w.cluster, &w.agents, &w.frontend, w.server(8080, false))?;
+
+    // Without a policy plaintext gets in, but through node a's proxy: the server never sees
+    // the outsiders' own addresses, and the proxy counts and logs each connection.
+    let mut accepted = accepts(&server);
+    for src in w.plaintext_clients() {
+        for v6 in [false, true] {
+            let dst = w.server(8080, v6);
+            w.wait_exchange(&src, dst, true)?;
+            accepted += 1;
+            let peer = accept_peer(&server, accepted)?.ip();
+            let outside: Vec<IpAddr> = vec![
+                w.outsider.ipv4.into(),
+                w.outsider.ipv6.into(),
+                w.remote.ipv4.into(),
+                w.remote.ipv6.into(),
+                w.b.ipv4.into(),
+                w.b.ipv6.into(),
+            ];
+            ensure!(
+                !outside.contains(&peer),
+                "{} → {dst} reached the pod around the proxy (the pod saw {peer})",
+                src.name()
+            );
+        }
+    }
+    let opened = w.metric(
+        "mesh_tcp_connections_opened_total",
+        &[
+            ("reporter", "destination"),
+            ("source_principal", "unknown"),
+            ("destination_workload", "server"),
+            ("response_flags", "-"),
+        ],
+    )?;
+    ensure!(opened >= 6.0, "node a counts the plaintext connections: {opened}");
+    println!("plaintext connections counted by node a: {opened}");
+    wait_until(WAIT, "access-log lines for the plaintext connections", || {
+        let lines = w.plaintext_access();
+        let ok = lines
+            .iter()
+            .filter(|l| l["result"] == "-" && l["direction"] == "inbound")
+            .count();
+        (ok >= 6).then_some(()).ok_or(format!("{ok} so far: {lines:?}"))
+    })?;
+
+    // ALLOW only the frontend: no plaintext source has its principal.
+    w.shop(&only_frontend())?;
+    for src in w.plaintext_clients() {
+        for v6 in [false, true] {
+            w.wait_exchange(&src, w.server(8080, v6), false)?;
+        }
+    }
+    wait_mesh_path(&w.cluster, &w.agents, &w.frontend, w.server(8080, false))?;
+    let denials = w.metric("mesh_policy_denials_total", &[("policy", "default-deny")])?;
+    ensure!(denials >= 6.0, "node a counts the plaintext denials: {denials}");
+    let denied = w.metric(
+        "mesh_tcp_connections_opened_total",
+        &[
+            ("destination_workload", "server"),
+            ("source_principal", "unknown"),
+            ("response_flags", "DENIED"),
+        ],
+    )?;
+    ensure!(
+        denied >= 6.0,
+        "the denied plaintext connections are counted: {denied}"
+    );
+    let logged = w
+        .plaintext_access()
+        .iter()
+        .filter(|l| l["result"] == "DENIED")
+        .count();
+    ensure!(
+        logged >= 6,
+        "the denied plaintext connections are logged: {logged}"
+    );
+    println!("plaintext denials: {denials} by default-deny, {denied} counted DENIED, {logged} logged");
+
+    // Port rules do apply to plaintext: ALLOW 8080 and 9090 from anyone, but DENY 9090.
+    let policies = format!(
+        "{}{}{}",
+        only_frontend(),
+        by_port("plain-ports", "ALLOW", &[8080, 9090]),
+        by_port("no-9090", "DENY", &[9090])
+    );
+    w.shop(&policies)?;
+    for src in w.plaintext_clients() {
+        w.wait_exchange(&src, w.server(8080, false), true)?;
+        w.wait_exchange(&src, w.server(9090, false), false)?;
+        w.wait_exchange(&src, w.server(9090, true), false)?;
+    }
+    let port_denials = w.metric("mesh_policy_denials_total", &[("policy", "shop/no-9090")])?;
+    ensure!(port_denials >= 3.0, "the DENY by port counted: {port_denials}");
+    println!("plaintext denials by the DENY on port 9090: {port_denials}");
+    // DENY comes first for the mesh too.
+    wait_until(WAIT, "the frontend refused on 9090", || {
+        match client(&w.cluster, &w.frontend, w.server(9090, false), 1024) {
+            Ok(r) => Err(format!("passed: {r:?}")),
+            Err(_) => Ok(()),
+        }
+    })?;
+    Ok(())
+}
+
+#[test]
+fn the_proxy_inside_the_pods_cgroup_root_is_not_steered_back_to_itself() -> Result<()> {
+    let w = world("permissive-inside", true)?;
+    ensure!(w.inside.is_some(), "node a's agent runs inside the pods' root");
+    let server = echo_server(&w.cluster, &w.server, &[8080])?;
+    // The proxy's own connects to the PERMISSIVE pod (from HBONE, and from the plaintext
+    // listener) come from a cgroup the connect programs see, and must reach the pod.
+    wait_mesh_path(&w.cluster, &w.agents, &w.frontend, w.server(8080, false))?;
+    let mut accepted = accepts(&server);
+    for src in w.plaintext_clients() {
+        let dst = w.server(8080, false);
+        w.wait_exchange(&src, dst, true)?;
+        accepted += 1;
+        let peer = accept_peer(&server, accepted)?.ip();
+        ensure!(
+            ![
+                IpAddr::from(w.outsider.ipv4),
+                w.remote.ipv4.into(),
+                w.b.ipv4.into()
+            ]
+            .contains(&peer),
+            "{} → {dst} reached the pod around the proxy (the pod saw {peer})",
+            src.name()
+        );
+    }
+    let opened = w.metric(
+        "mesh_tcp_connections_opened_total",
+        &[
+            ("source_principal", "unknown"),
+            ("destination_workload", "server"),
+            ("response_flags", "-"),
+        ],
+    )?;
+    ensure!(
+        opened == 3.0,
+        "each plaintext connection went through the plaintext listener once: {opened}"
+    );
+    w.shop(&only_frontend())?;
+    for src in w.plaintext_clients() {
+        w.wait_exchange(&src, w.server(8080, false), false)?;
+    }
+    wait_mesh_path(&w.cluster, &w.agents, &w.frontend, w.server(8080, false))?;
+    Ok(())
+}
