@@ -70,12 +70,12 @@ fn inbound(ctx: &TcContext) {
 /// plaintext listener.
 #[inline(always)]
 fn steer_plain(ctx: &TcContext, tcp: &Tcp) -> bool {
-    if tcp.fragment {
-        return true;
-    }
     let Some(port) = config().map(|c| c.inbound_plain_port).filter(|p| *p != 0) else {
         return false;
     };
+    if tcp.fragment {
+        return true;
+    }
     let opens = tcp.flags & TCP_FLAG_SYN != 0 && tcp.flags & TCP_FLAG_ACK == 0;
     if !opens {
         return has_socket(ctx, tcp);

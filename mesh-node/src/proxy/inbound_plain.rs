@@ -96,31 +96,18 @@ async fn carry(
             format!("denied by policy {policy}"),
         ));
     }
-    let connect = tokio::time::timeout(mesh.connect_timeout, connect_marked(dst, mesh.proxy_mark)).await;
-    let upstream = match connect {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(fail(
-                mesh,
-                &client,
-                &meta,
-                ResponseFlags::ConnectFailed,
-                e.to_string(),
-            ))
-        }
-        Err(_) => {
-            return Err(fail(
-                mesh,
-                &client,
-                &meta,
-                ResponseFlags::ConnectFailed,
-                "connect timed out",
-            ))
+    let connect = tokio::time::timeout(mesh.connect_timeout, connect_marked(dst, mesh.proxy_mark))
+        .await
+        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")));
+    let mut upstream = match connect {
+        Ok(s) => s,
+        Err(e) => {
+            let error = e.to_string();
+            return Err(fail(mesh, &client, &meta, ResponseFlags::ConnectFailed, error));
         }
     };
     let _ = client.set_nodelay(true);
     let mut client = Counted::new(client, mesh.connections.open(meta), Orientation::FacesSource);
-    let mut upstream = upstream;
     copy::bidirectional(&mut client, &mut upstream).await
 }
 
