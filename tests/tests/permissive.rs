@@ -33,7 +33,8 @@ struct World {
 
 /// With `inside`, node a's agent is started with its node's whole cgroup as the pods' root,
 /// so that its own cgroup is inside it, as a DaemonSet pod's is inside the kubelet's root.
-fn world(name: &str, inside: bool) -> Result<World> {
+/// `shop` is enrolled at once with `enroll`, else left out of the mesh.
+fn world(name: &str, inside: bool, enroll: bool) -> Result<World> {
     let cluster = Cluster::new(name)?;
     let a = cluster.add_node("a")?;
     let b = cluster.add_node("b")?;
@@ -72,23 +73,29 @@ fn world(name: &str, inside: bool) -> Result<World> {
         remote,
         agents,
     };
-    w.shop("")?;
+    if enroll {
+        w.shop("")?;
+    } else {
+        w.controller.apply("shop", &w.shop_yaml(&[], ""))?;
+    }
     Ok(w)
 }
 
 impl World {
-    /// (Re)writes namespace `shop` (PERMISSIVE) with its pods and `extra` objects.
+    /// (Re)writes namespace `shop` (enrolled, PERMISSIVE) with its pods and `extra` objects.
     fn shop(&self, extra: &str) -> Result<()> {
-        let mut yaml = namespace_yaml(
-            "shop",
-            &[("mesh.dev/enroll", "true"), ("mesh.dev/mtls", "permissive")],
-        );
+        let labels = [("mesh.dev/enroll", "true"), ("mesh.dev/mtls", "permissive")];
+        self.controller.apply("shop", &self.shop_yaml(&labels, extra))
+    }
+
+    fn shop_yaml(&self, labels: &[(&str, &str)], extra: &str) -> String {
+        let mut yaml = namespace_yaml("shop", labels);
         for pod in [&self.server, &self.frontend] {
             yaml.push_str("---\n");
             yaml.push_str(&pod_yaml(pod, "shop", &pod.name, &[("app", &pod.name)]));
         }
         yaml.push_str(extra);
-        self.controller.apply("shop", &yaml)
+        yaml
     }
 
     /// The server's address on `port`, IPv4 or IPv6.
@@ -208,7 +215,7 @@ fn by_port(name: &str, action: &str, ports: &[u16]) -> String {
 
 #[test]
 fn plaintext_to_a_permissive_pod_goes_through_the_proxy_and_its_policy() -> Result<()> {
-    let w = world("permissive-policy", false)?;
+    let w = world("permissive-policy", false, true)?;
     let server = echo_server(&w.cluster, &w.server, &[8080, 9090])?;
     wait_mesh_path(&w.cluster, &w.agents, &w.frontend, w.server(8080, false))?;
 
@@ -247,6 +254,14 @@ fn plaintext_to_a_permissive_pod_goes_through_the_proxy_and_its_policy() -> Resu
     )?;
     ensure!(opened >= 6.0, "node a counts the plaintext connections: {opened}");
     println!("plaintext connections counted by node a: {opened}");
+    // The kernel's side: connects rewritten on node a (the outsider's), SYNs from the uplink
+    // assigned to the listener (the remote pod's and node b's), none without a listener.
+    let event = |e: &str| w.metric("mesh_bpf_events_total", &[("event", e)]);
+    let (redirected, steered) = (event("plain_redirected")?, event("plain_steered")?);
+    println!("node a's kernel: {redirected} connects rewritten, {steered} SYNs assigned");
+    ensure!(redirected >= 2.0, "connects rewritten: {redirected}");
+    ensure!(steered >= 4.0, "SYNs assigned: {steered}");
+    ensure!(event("plain_no_listener")? == 0.0, "every SYN found the listener");
     wait_until(WAIT, "access-log lines for the plaintext connections", || {
         let lines = w.plaintext_access();
         let ok = lines
@@ -317,7 +332,7 @@ fn plaintext_to_a_permissive_pod_goes_through_the_proxy_and_its_policy() -> Resu
 
 #[test]
 fn the_proxy_inside_the_pods_cgroup_root_is_not_steered_back_to_itself() -> Result<()> {
-    let w = world("permissive-inside", true)?;
+    let w = world("permissive-inside", true, true)?;
     ensure!(w.inside.is_some(), "node a's agent runs inside the pods' root");
     let server = echo_server(&w.cluster, &w.server, &[8080])?;
     // The proxy's own connects to the PERMISSIVE pod (from HBONE, and from the plaintext
@@ -359,3 +374,42 @@ fn the_proxy_inside_the_pods_cgroup_root_is_not_steered_back_to_itself() -> Resu
     wait_mesh_path(&w.cluster, &w.agents, &w.frontend, w.server(8080, false))?;
     Ok(())
 }
+
+#[test]
+fn a_flow_that_reached_the_pod_before_it_was_meshed_keeps_flowing() -> Result<()> {
+    let w = world("permissive-held", false, false)?;
+    let _server = echo_server(&w.cluster, &w.server, &[8080])?;
+    // A connection from another node, straight to the pod while `shop` is outside the mesh,
+    // that sends once now and once more after the pod is meshed.
+    let go = std::env::temp_dir().join(format!("{}-held-go", w.cluster.id()));
+    let _ = std::fs::remove_file(&go);
+    let mut cmd = std::process::Command::new("/usr/bin/python3");
+    cmd.args(["-c", HELD_CLIENT, &w.server.ipv4.to_string(), "8080"])
+        .arg(&go);
+    let held = w.cluster.spawn_in_pod(&w.remote, cmd)?;
+    held.wait_for_line(WAIT, |l| l == "one")?;
+
+    w.shop("")?;
+    wait_mesh_path(&w.cluster, &w.agents, &w.frontend, w.server(8080, false))?;
+    // New plaintext from the same pod is now steered through the proxy.
+    w.wait_exchange(&Source::Pod(&w.remote), w.server(8080, false), true)?;
+    let steered = w.metric("mesh_bpf_events_total", &[("event", "plain_steered")])?;
+    ensure!(steered >= 1.0, "new plaintext SYNs are steered: {steered}");
+
+    std::fs::write(&go, b"")?;
+    let result = held.wait_for_line(WAIT, |l| l == "two" || l.starts_with("error"));
+    std::fs::remove_file(&go)?;
+    ensure!(
+        result.as_deref().is_ok_and(|l| l == "two"),
+        "the connection made before the pod was meshed still works: {result:?}"
+    );
+    Ok(())
+}
+
+/// Connects to `argv[1]:argv[2]`, echoes `one`, waits for the file `argv[3]`, echoes `two`.
+const HELD_CLIENT: &str = "import os,socket,sys,time\n\
+s=socket.create_connection((sys.argv[1],int(sys.argv[2])),timeout=10)\n\
+def echo(m):\n    s.sendall(m)\n    b=b''\n    while len(b)<len(m):\n        d=s.recv(64)\n        if not d: raise EOFError('closed')\n        b+=d\n    print(b.decode(),flush=True)\n\
+echo(b'one')\n\
+while not os.path.exists(sys.argv[3]): time.sleep(0.02)\n\
+try:\n    echo(b'two')\nexcept Exception as e:\n    print('error',e,flush=True)\n";
