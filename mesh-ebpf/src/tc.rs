@@ -183,6 +183,16 @@ fn parse_v6(ctx: &TcContext) -> Option<Parsed> {
     }
 }
 
+/// The destination of an IPv6 packet (for one the parser calls [`Parsed::Opaque`]).
+#[inline(always)]
+pub fn ipv6_dst(ctx: &TcContext) -> Option<[u32; 4]> {
+    let vtc: u8 = ctx.load(ETH_HLEN).ok()?;
+    if vtc >> 4 != 6 {
+        return None;
+    }
+    ctx.load(ETH_HLEN + 24).ok()
+}
+
 /// The TCP header at `off`. A header cut short by fragmentation is reported as a fragment
 /// without port or flags.
 #[inline(always)]

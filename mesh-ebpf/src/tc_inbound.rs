@@ -11,8 +11,9 @@
 //!   Later packets of a flow are marked only when they belong to a socket of this namespace
 //!   (the proxy's accepted one), found by the same lookup the stack will do; a flow that
 //!   reached the pod before the pod was steered (no socket here) keeps flowing to the pod.
-//!   A fragment cannot be told apart, so it is marked: a fragmented SYN then goes to no socket
-//!   rather than around the proxy.
+//!   A fragment, or IPv6 with more extension headers than the parser follows, cannot be told
+//!   apart, so it is marked: a SYN hidden in one then goes to no socket rather than around the
+//!   proxy.
 //!
 //! The program never drops and never decides policy: it returns `TCX_NEXT` for everything.
 
@@ -32,7 +33,8 @@ use crate::{
     ctx::rd,
     maps::{config, count},
     tc::{
-        mark, parse, set_mark, tc_config, Parsed, Tcp, MESH_LOCAL_IPS, TCP_FLAG_ACK, TCP_FLAG_SYN, TCX_NEXT,
+        ipv6_dst, mark, parse, set_mark, tc_config, Parsed, Tcp, MESH_LOCAL_IPS, TCP_FLAG_ACK, TCP_FLAG_SYN,
+        TCX_NEXT,
     },
 };
 
@@ -44,8 +46,10 @@ pub fn mesh_tc_inbound(ctx: TcContext) -> i32 {
 
 #[inline(always)]
 fn inbound(ctx: &TcContext) {
-    let Parsed::Tcp(tcp) = parse(ctx) else {
-        return;
+    let tcp = match parse(ctx) {
+        Parsed::Tcp(tcp) => tcp,
+        Parsed::Opaque => return opaque(ctx),
+        Parsed::Other => return,
     };
     let Some(pod) = MESH_LOCAL_IPS.get_ptr(&tcp.dst) else {
         return;
@@ -62,6 +66,22 @@ fn inbound(ctx: &TcContext) {
         pod_flags & LOCAL_IP_PERMISSIVE != 0 && steer_plain(ctx, &tcp)
     };
     if capture {
+        set_mark(ctx, mark(ctx) | cfg.capture_mark);
+    }
+}
+
+/// IPv6 with more extension headers than the parser follows may hide a SYN: to a PERMISSIVE
+/// pod it is marked like a fragment, so it reaches no socket rather than going around the proxy.
+#[inline(always)]
+fn opaque(ctx: &TcContext) {
+    let Some(dst) = ipv6_dst(ctx) else {
+        return;
+    };
+    let permissive = MESH_LOCAL_IPS
+        .get_ptr(&dst)
+        .is_some_and(|flags| unsafe { *flags } & LOCAL_IP_PERMISSIVE != 0);
+    let steering = config().is_some_and(|c| c.inbound_plain_port != 0);
+    if let (true, true, Some(cfg)) = (permissive, steering, tc_config()) {
         set_mark(ctx, mark(ctx) | cfg.capture_mark);
     }
 }

@@ -413,3 +413,60 @@ def echo(m):\n    s.sendall(m)\n    b=b''\n    while len(b)<len(m):\n        d=s
 echo(b'one')\n\
 while not os.path.exists(sys.argv[3]): time.sleep(0.02)\n\
 try:\n    echo(b'two')\nexcept Exception as e:\n    print('error',e,flush=True)\n";
+
+#[test]
+fn a_syn_hidden_behind_many_ipv6_extension_headers_does_not_reach_the_pod() -> Result<()> {
+    let w = world("permissive-ext", false, true)?;
+    let _server = echo_server(&w.cluster, &w.server, &[8080])?;
+    wait_mesh_path(&w.cluster, &w.agents, &w.frontend, w.server(8080, true))?;
+    // What reaches the pod from node b, as the pod sees it.
+    let mut dump = std::process::Command::new("tcpdump");
+    dump.args(["-i", "eth0", "-n", "-l"])
+        .arg(format!("ip6 and src host {}", w.b.ipv6));
+    let dump = w.cluster.spawn_in_pod(&w.server, dump)?;
+    dump.wait_for_line(WAIT, |l| l.contains("listening on"))?;
+
+    // A SYN behind more IPv6 extension headers than the kernel programs follow, then a ping
+    // on the same path as a barrier: once the ping is seen, the SYN would have been.
+    let mut syn = std::process::Command::new("/usr/bin/python3");
+    syn.args([
+        "-c",
+        EXT_HEADER_SYN,
+        &w.b.ipv6.to_string(),
+        &w.server.ipv6.to_string(),
+        "8080",
+    ]);
+    w.cluster.exec_on_node(&w.b, syn)?.success()?;
+    let mut ping = std::process::Command::new("ping");
+    ping.args(["-6", "-c", "1", "-W", "5", &w.server.ipv6.to_string()]);
+    w.cluster.exec_on_node(&w.b, ping)?.success()?;
+    dump.wait_for_line(WAIT, |l| l.contains("ICMP6, echo request"))?;
+    let before_ping: Vec<String> = dump
+        .lines()
+        .into_iter()
+        .map(|(_, l)| l)
+        .take_while(|l| !l.contains("ICMP6, echo request"))
+        .filter(|l| l.contains(&w.b.ipv6.to_string()))
+        .collect();
+    ensure!(
+        before_ping.is_empty(),
+        "the hidden SYN reached the pod around the proxy: {before_ping:?}"
+    );
+    Ok(())
+}
+
+/// Sends from `argv[1]` to `argv[2]` port `argv[3]` a TCP SYN behind seven IPv6 destination
+/// options headers, through a raw socket.
+const EXT_HEADER_SYN: &str = "import socket,struct,sys\n\
+src,dst,port=sys.argv[1],sys.argv[2],int(sys.argv[3])\n\
+a=lambda x: socket.inet_pton(socket.AF_INET6,x)\n\
+tcp=bytearray(struct.pack('!HHIIBBHHH',40000,port,1,0,5<<4,2,65535,0,0))\n\
+b=a(src)+a(dst)+struct.pack('!I3xB',len(tcp),6)+bytes(tcp)\n\
+t=sum(struct.unpack('!%dH'%(len(b)//2),b))\n\
+while t>>16: t=(t&0xffff)+(t>>16)\n\
+tcp[16:18]=struct.pack('!H',~t&0xffff)\n\
+ext=b''.join(bytes([60 if i<6 else 6,0,1,4,0,0,0,0]) for i in range(7))\n\
+body=ext+bytes(tcp)\n\
+pkt=struct.pack('!IHBB',6<<28,len(body),60,64)+a(src)+a(dst)+body\n\
+s=socket.socket(socket.AF_INET6,socket.SOCK_RAW,socket.IPPROTO_RAW)\n\
+s.sendto(pkt,(dst,0))\n";
