@@ -1,0 +1,239 @@
+//! Bounded resources, end to end: thousands of idle sockets held against a real agent's
+//! metrics and HBONE listeners cost it a bounded number of descriptors and bytes, and neither
+//! scrapes nor mesh traffic stop; the admin API changes the log filter only over its socket.
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use serde_json::Value;
+
+use mesh_harness::agent::Agent;
+use mesh_harness::app::{client, echo_server, wait_mesh_path};
+use mesh_harness::controller::{namespace_yaml, pod_yaml, Controller};
+use mesh_harness::{Cluster, Proc};
+
+/// Idle sockets held against each listener.
+const IDLE: usize = 5_000;
+/// What the idle sockets may cost the agent, over its count before them: the caps' worth
+/// (32 per peer on :15020, 512 per peer on :15008) and slack, far below one per socket.
+const MAX_EXTRA_FDS: usize = 1_000;
+const MAX_EXTRA_RSS_KIB: u64 = 48 * 1024;
+
+/// Opens N connections to HOST:PORT, one by one, then holds them without a byte sent; prints
+/// one JSON line once all are tried. A connection the server closes stays held here.
+const HOLDER: &str = r#"
+import json, resource, signal, socket, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+if soft < n + 100:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 100), hard))
+held, failed, error = [], 0, None
+for _ in range(n):
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.settimeout(5)
+    try:
+        s.connect((host, port))
+        held.append(s)
+    except OSError as e:
+        failed += 1
+        error = str(e)
+        s.close()
+print(json.dumps({"event": "holding", "held": len(held), "failed": failed, "error": error}), flush=True)
+while True:
+    signal.pause()
+"#;
+
+/// The descriptors and resident memory of process `pid`, from /proc.
+fn usage(pid: u32) -> Result<(usize, u64)> {
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .with_context(|| format!("reading /proc/{pid}/fd"))?
+        .count();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS in /proc/PID/status")?;
+    Ok((fds, rss))
+}
+
+/// The holders and the test need a descriptor per socket: the soft limit goes up to the
+/// hard one (children inherit it).
+fn raise_open_files_limit(want: u64) -> Result<()> {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
+    unsafe {
+        ensure!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0, "getrlimit");
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.max(lim.rlim_cur);
+            lim.rlim_max = lim.rlim_max.max(want);
+            ensure!(
+                libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0,
+                "setrlimit to {want}: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn hold(cluster: &Cluster, pod: &mesh_harness::Pod, dst: SocketAddr) -> Result<Proc> {
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args([
+        "-c",
+        HOLDER,
+        &dst.ip().to_string(),
+        &dst.port().to_string(),
+        &IDLE.to_string(),
+    ]);
+    cluster.spawn_in_pod(pod, cmd)
+}
+
+fn held(holder: &Proc) -> Result<Value> {
+    let line = holder.wait_for_line(Duration::from_secs(40), |l| l.contains(r#""event": "holding""#))?;
+    Ok(serde_json::from_str(&line)?)
+}
+
+#[test]
+fn idle_sockets_on_metrics_and_hbone_stop_neither_and_cost_little() -> Result<()> {
+    raise_open_files_limit(4 * IDLE as u64)?;
+    let cluster = Cluster::new("limits-idle")?;
+    let a = cluster.add_node("a")?;
+    cluster.add_node("b")?;
+    let server = cluster.add_pod("a", "server")?;
+    let client_pod = cluster.add_pod("b", "client")?;
+    // Not in the mesh: the controller never hears of it.
+    let intruder = cluster.add_pod("b", "intruder")?;
+    let controller = Controller::start(&cluster, &[])?;
+    let mut agents = Vec::new();
+    for node in cluster.nodes() {
+        let mut agent = Agent::new(&node, &controller, &[])?;
+        agent.set_log_filter("info");
+        agent.start(&cluster)?;
+        agents.push(agent);
+    }
+    let mut yaml = namespace_yaml("shop", &[("mesh.dev/enroll", "true")]);
+    for pod in [&server, &client_pod] {
+        yaml.push_str("---\n");
+        yaml.push_str(&pod_yaml(pod, "shop", &pod.name, &[("app", &pod.name)]));
+    }
+    controller.apply("shop", &yaml)?;
+    let _echo = echo_server(&cluster, &server, &[8080])?;
+    let dst = SocketAddr::new(server.ipv4.into(), 8080);
+    wait_mesh_path(&cluster, &agents, &client_pod, dst)?;
+
+    let agent = &agents[0];
+    let pid = agent.proc()?.pid();
+    let (fds_before, rss_before) = usage(pid)?;
+    let started = Instant::now();
+    let on_metrics = hold(&cluster, &intruder, SocketAddr::new(a.ipv4.into(), 15020))?;
+    let on_hbone = hold(&cluster, &intruder, SocketAddr::new(server.ipv4.into(), 15008))?;
+    let (metrics_held, hbone_held) = (held(&on_metrics)?, held(&on_hbone)?);
+    let opened = started.elapsed();
+    let (fds_during, rss_during) = usage(pid)?;
+    eprintln!(
+        "agent on a: {fds_before} fds, {rss_before} KiB before; {fds_during} fds, {rss_during} KiB \
+         with the idle sockets held (metrics: {metrics_held}, hbone: {hbone_held}, opened in {opened:?})"
+    );
+    for (what, h) in [("metrics", &metrics_held), ("hbone", &hbone_held)] {
+        ensure!(
+            h["held"].as_u64().unwrap_or(0) + h["failed"].as_u64().unwrap_or(0) == IDLE as u64,
+            "the {what} holder did not try every socket: {h}"
+        );
+    }
+
+    // Scrapes and mesh traffic go on while the sockets are held.
+    let refused = |listener: &str| {
+        agent.metric_sum(
+            &cluster,
+            "mesh_listener_refused_total",
+            &[("listener", listener), ("reason", "max_connections_per_peer")],
+        )
+    };
+    let (metrics_refused, hbone_refused) = (refused("metrics")?, refused("hbone")?);
+    client(&cluster, &client_pod, dst, 64 * 1024).context("mesh traffic while the sockets are held")?;
+    let (fds_after, rss_after) = usage(pid)?;
+    eprintln!(
+        "refused over the per-peer caps: metrics {metrics_refused}, hbone {hbone_refused}; \
+         agent after a scrape and a mesh connection: {fds_after} fds, {rss_after} KiB"
+    );
+    let worst_fds = fds_during.max(fds_after);
+    ensure!(
+        worst_fds < fds_before + MAX_EXTRA_FDS,
+        "the agent's descriptors went from {fds_before} to {worst_fds} for {} idle sockets",
+        2 * IDLE
+    );
+    let worst_rss = rss_during.max(rss_after);
+    ensure!(
+        worst_rss < rss_before + MAX_EXTRA_RSS_KIB,
+        "the agent's RSS went from {rss_before} KiB to {worst_rss} KiB"
+    );
+    ensure!(
+        metrics_refused > 0.0 && hbone_refused > 0.0,
+        "refusals not counted: metrics {metrics_refused}, hbone {hbone_refused}"
+    );
+    Ok(())
+}
+
+/// `curl` on the node with the answer's status on a last line: (status, body).
+fn curl(cluster: &Cluster, node: &mesh_harness::Node, args: &[&str]) -> Result<(u16, String)> {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(args);
+    let out = cluster.exec_on_node(node, cmd)?.success()?;
+    let (body, code) = out.stdout.trim_end().rsplit_once('\n').context("no status")?;
+    Ok((code.parse()?, body.to_owned()))
+}
+
+#[test]
+fn the_log_filter_changes_only_over_the_root_socket() -> Result<()> {
+    let cluster = Cluster::new("limits-admin")?;
+    let node = cluster.add_node("a")?;
+    let controller = Controller::start(&cluster, &[])?;
+    let mut agent = Agent::new(&node, &controller, &[])?;
+    agent.start(&cluster)?;
+    let body = r#"{"filter":"debug"}"#;
+    let put = [
+        "-X",
+        "PUT",
+        "-H",
+        "content-type: application/json",
+        "--data",
+        body,
+    ];
+
+    let mut tcp: Vec<&str> = put.to_vec();
+    tcp.push("http://127.0.0.1:15000/v1/log-level");
+    let (status, answer) = curl(&cluster, &node, &tcp)?;
+    ensure!(
+        status == 403 && answer.contains("read-only"),
+        "PUT over TCP: {status} {answer}"
+    );
+    let now = agent.admin_get(&cluster, "/v1/log-level")?;
+    ensure!(now["filter"] != "debug", "the TCP PUT changed the filter: {now}");
+
+    let set = agent.admin_unix(&cluster, "PUT", "/v1/log-level", Some(body))?;
+    ensure!(set["filter"] == "debug", "PUT over the socket: {set}");
+    let now = agent.admin_get(&cluster, "/v1/log-level")?;
+    ensure!(
+        now["filter"] == "debug",
+        "GET over TCP after the socket's PUT: {now}"
+    );
+
+    let socket = agent.admin_socket();
+    let mode = std::os::unix::fs::MetadataExt::mode(&std::fs::symlink_metadata(&socket)?) & 0o7777;
+    ensure!(mode == 0o600, "{} has mode {mode:o}", socket.display());
+    let dir = socket.parent().unwrap_or(Path::new("/"));
+    let staged: Vec<_> = std::fs::read_dir(dir)?
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".admin"))
+        .collect();
+    ensure!(staged.is_empty(), "staging left in {}: {staged:?}", dir.display());
+    Ok(())
+}
