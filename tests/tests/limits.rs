@@ -162,6 +162,16 @@ fn idle_sockets_on_metrics_and_hbone_stop_neither_and_cost_little() -> Result<()
         "refused over the per-peer caps: metrics {metrics_refused}, hbone {hbone_refused}; \
          agent after a scrape and a mesh connection: {fds_after} fds, {rss_after} KiB"
     );
+    // The sockets the agent holds for them probe the peer: keepalive is on.
+    for port in [15020, 15008] {
+        let mut ss = Command::new("ss");
+        ss.args(["-tnoH", "state", "established", "sport", "=", &format!(":{port}")]);
+        let out = cluster.exec_on_node(&a, ss)?.success()?.stdout;
+        let lines: Vec<&str> = out.lines().collect();
+        ensure!(!lines.is_empty(), "no established socket on :{port}");
+        let bare: Vec<&&str> = lines.iter().filter(|l| !l.contains("timer:(keepalive")).collect();
+        ensure!(bare.is_empty(), "sockets on :{port} without keepalive: {bare:?}");
+    }
     let worst_fds = fds_during.max(fds_after);
     ensure!(
         worst_fds < fds_before + MAX_EXTRA_FDS,
