@@ -266,8 +266,8 @@ pub enum ConfigError {
     ReservedCaptureTable(u32),
     #[error("--capture-rule-priority: {0} must be between 1 and 32765")]
     BadRulePriority(u32),
-    #[error("{0}: must not be 0")]
-    Zero(&'static str),
+    #[error("{0}: must be at least {1}")]
+    TooSmall(&'static str, &'static str),
 }
 
 impl Config {
@@ -366,27 +366,39 @@ impl RunArgs {
     }
 
     fn limits(&self) -> Result<Limits, ConfigError> {
-        let nonzero = [
-            (self.http_max_connections == 0, "--http-max-connections"),
+        let too_small = [
+            (self.http_max_connections == 0, "--http-max-connections", "1"),
             (
                 self.http_max_connections_per_peer == 0,
                 "--http-max-connections-per-peer",
+                "1",
             ),
-            (self.http_request_timeout.is_zero(), "--http-request-timeout"),
-            (self.hbone_max_handshakes == 0, "--hbone-max-handshakes"),
+            (
+                self.http_request_timeout.is_zero(),
+                "--http-request-timeout",
+                "1ms",
+            ),
+            (self.hbone_max_handshakes == 0, "--hbone-max-handshakes", "1"),
             (
                 self.hbone_max_connections_per_peer == 0,
                 "--hbone-max-connections-per-peer",
+                "1",
             ),
             (
                 self.hbone_handshake_timeout.is_zero(),
                 "--hbone-handshake-timeout",
+                "1ms",
             ),
-            (self.idle_timeout.is_zero(), "--idle-timeout"),
-            (self.tcp_keepalive < Duration::from_secs(1), "--tcp-keepalive"),
+            (self.idle_timeout.is_zero(), "--idle-timeout", "1ms"),
+            // The kernel counts keepalive in whole seconds.
+            (
+                self.tcp_keepalive < Duration::from_secs(1),
+                "--tcp-keepalive",
+                "1s",
+            ),
         ];
-        if let Some((_, flag)) = nonzero.iter().find(|(zero, _)| *zero) {
-            return Err(ConfigError::Zero(flag));
+        if let Some((_, flag, least)) = too_small.iter().find(|(small, _, _)| *small) {
+            return Err(ConfigError::TooSmall(flag, least));
         }
         let keepalive = Keepalive {
             time: self.tcp_keepalive,
@@ -599,6 +611,8 @@ mod tests {
         assert_eq!(c.limits.carried.idle_timeout, Duration::from_secs(300));
         assert_eq!(c.limits.carried.keepalive.user_timeout, Duration::ZERO);
         let err = parse(&["--node-ip", "10.0.0.1", "--hbone-max-handshakes", "0"]).unwrap_err();
-        assert_eq!(err, "--hbone-max-handshakes: must not be 0");
+        assert_eq!(err, "--hbone-max-handshakes: must be at least 1");
+        let err = parse(&["--node-ip", "10.0.0.1", "--tcp-keepalive", "500ms"]).unwrap_err();
+        assert_eq!(err, "--tcp-keepalive: must be at least 1s");
     }
 }
