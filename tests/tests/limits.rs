@@ -12,7 +12,7 @@ use serde_json::Value;
 use mesh_harness::agent::Agent;
 use mesh_harness::app::{client, echo_server, wait_mesh_path};
 use mesh_harness::controller::{namespace_yaml, pod_yaml, Controller};
-use mesh_harness::{Cluster, Proc};
+use mesh_harness::{Cluster, Node, Pod, Proc};
 
 /// Idle sockets held against each listener.
 const IDLE: usize = 5_000;
@@ -82,7 +82,7 @@ fn raise_open_files_limit(want: u64) -> Result<()> {
     Ok(())
 }
 
-fn hold(cluster: &Cluster, pod: &mesh_harness::Pod, dst: SocketAddr) -> Result<Proc> {
+fn hold(cluster: &Cluster, pod: &Pod, dst: SocketAddr) -> Result<Proc> {
     let mut cmd = Command::new("/usr/bin/python3");
     cmd.args([
         "-c",
@@ -99,40 +99,75 @@ fn held(holder: &Proc) -> Result<Value> {
     Ok(serde_json::from_str(&line)?)
 }
 
-#[test]
-fn idle_sockets_on_metrics_and_hbone_stop_neither_and_cost_little() -> Result<()> {
-    raise_open_files_limit(4 * IDLE as u64)?;
-    let cluster = Cluster::new("limits-idle")?;
+/// Nodes a and b; enrolled `server` (an echo server on 8080) on a and `client` on b, meshed;
+/// `intruder` on b is not in the mesh (the controller never hears of it).
+struct World {
+    cluster: Cluster,
+    _controller: Controller,
+    agents: Vec<Agent>,
+    a: Node,
+    server: Pod,
+    client: Pod,
+    intruder: Pod,
+    _echo: Proc,
+}
+
+fn world(name: &str, agent_args: &[&str]) -> Result<World> {
+    let cluster = Cluster::new(name)?;
     let a = cluster.add_node("a")?;
     cluster.add_node("b")?;
     let server = cluster.add_pod("a", "server")?;
-    let client_pod = cluster.add_pod("b", "client")?;
-    // Not in the mesh: the controller never hears of it.
+    let client = cluster.add_pod("b", "client")?;
     let intruder = cluster.add_pod("b", "intruder")?;
     let controller = Controller::start(&cluster, &[])?;
     let mut agents = Vec::new();
     for node in cluster.nodes() {
-        let mut agent = Agent::new(&node, &controller, &[])?;
+        let mut agent = Agent::new(&node, &controller, agent_args)?;
         agent.set_log_filter("info");
         agent.start(&cluster)?;
         agents.push(agent);
     }
     let mut yaml = namespace_yaml("shop", &[("mesh.dev/enroll", "true")]);
-    for pod in [&server, &client_pod] {
+    for pod in [&server, &client] {
         yaml.push_str("---\n");
         yaml.push_str(&pod_yaml(pod, "shop", &pod.name, &[("app", &pod.name)]));
     }
     controller.apply("shop", &yaml)?;
-    let _echo = echo_server(&cluster, &server, &[8080])?;
-    let dst = SocketAddr::new(server.ipv4.into(), 8080);
-    wait_mesh_path(&cluster, &agents, &client_pod, dst)?;
+    let echo = echo_server(&cluster, &server, &[8080])?;
+    let w = World {
+        cluster,
+        _controller: controller,
+        agents,
+        a,
+        server,
+        client,
+        intruder,
+        _echo: echo,
+    };
+    wait_mesh_path(&w.cluster, &w.agents, &w.client, w.echo())?;
+    Ok(w)
+}
+
+impl World {
+    fn echo(&self) -> SocketAddr {
+        SocketAddr::new(self.server.ipv4.into(), 8080)
+    }
+}
+
+#[test]
+fn idle_sockets_on_metrics_and_hbone_stop_neither_and_cost_little() -> Result<()> {
+    raise_open_files_limit(4 * IDLE as u64)?;
+    let w = world("limits-idle", &[])?;
+    let (cluster, agents, a, server, client_pod, intruder) =
+        (&w.cluster, &w.agents, &w.a, &w.server, &w.client, &w.intruder);
+    let dst = w.echo();
 
     let agent = &agents[0];
     let pid = agent.proc()?.pid();
     let (fds_before, rss_before) = usage(pid)?;
     let started = Instant::now();
-    let on_metrics = hold(&cluster, &intruder, SocketAddr::new(a.ipv4.into(), 15020))?;
-    let on_hbone = hold(&cluster, &intruder, SocketAddr::new(server.ipv4.into(), 15008))?;
+    let on_metrics = hold(cluster, intruder, SocketAddr::new(a.ipv4.into(), 15020))?;
+    let on_hbone = hold(cluster, intruder, SocketAddr::new(server.ipv4.into(), 15008))?;
     let (metrics_held, hbone_held) = (held(&on_metrics)?, held(&on_hbone)?);
     let opened = started.elapsed();
     let (fds_during, rss_during) = usage(pid)?;
@@ -150,13 +185,13 @@ fn idle_sockets_on_metrics_and_hbone_stop_neither_and_cost_little() -> Result<()
     // Scrapes and mesh traffic go on while the sockets are held.
     let refused = |listener: &str| {
         agent.metric_sum(
-            &cluster,
+            cluster,
             "mesh_listener_refused_total",
             &[("listener", listener), ("reason", "max_connections_per_peer")],
         )
     };
     let (metrics_refused, hbone_refused) = (refused("metrics")?, refused("hbone")?);
-    client(&cluster, &client_pod, dst, 64 * 1024).context("mesh traffic while the sockets are held")?;
+    client(cluster, client_pod, dst, 64 * 1024).context("mesh traffic while the sockets are held")?;
     let (fds_after, rss_after) = usage(pid)?;
     eprintln!(
         "refused over the per-peer caps: metrics {metrics_refused}, hbone {hbone_refused}; \
@@ -166,7 +201,7 @@ fn idle_sockets_on_metrics_and_hbone_stop_neither_and_cost_little() -> Result<()
     for port in [15020, 15008] {
         let mut ss = Command::new("ss");
         ss.args(["-tnoH", "state", "established", "sport", "=", &format!(":{port}")]);
-        let out = cluster.exec_on_node(&a, ss)?.success()?.stdout;
+        let out = cluster.exec_on_node(a, ss)?.success()?.stdout;
         let lines: Vec<&str> = out.lines().collect();
         ensure!(!lines.is_empty(), "no established socket on :{port}");
         let bare: Vec<&&str> = lines.iter().filter(|l| !l.contains("timer:(keepalive")).collect();
@@ -191,7 +226,7 @@ fn idle_sockets_on_metrics_and_hbone_stop_neither_and_cost_little() -> Result<()
 }
 
 /// `curl` on the node with the answer's status on a last line: (status, body).
-fn curl(cluster: &Cluster, node: &mesh_harness::Node, args: &[&str]) -> Result<(u16, String)> {
+fn curl(cluster: &Cluster, node: &Node, args: &[&str]) -> Result<(u16, String)> {
     let mut cmd = Command::new("curl");
     cmd.args(["-sS", "--max-time", "10", "-w", "\n%{http_code}"])
         .args(args);
@@ -245,5 +280,43 @@ fn the_log_filter_changes_only_over_the_root_socket() -> Result<()> {
         .filter(|n| n.starts_with(".admin"))
         .collect();
     ensure!(staged.is_empty(), "staging left in {}: {staged:?}", dir.display());
+    Ok(())
+}
+
+/// Sends a few bytes through the mesh, reads their echo, then waits silently for the proxy to
+/// close the connection; prints what it saw.
+const SILENT: &str = r#"
+import json, socket, sys, time
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=10)
+s.sendall(b"ping")
+echo = s.recv(4).decode()
+quiet = time.monotonic()
+s.settimeout(30)
+try:
+    end, error = s.recv(1).decode(), None
+except OSError as e:
+    end, error = None, str(e)
+print(json.dumps({"echo": echo, "closed_after": time.monotonic() - quiet, "end": end, "error": error}))
+"#;
+
+#[test]
+fn a_silent_carried_connection_is_closed_at_the_idle_timeout() -> Result<()> {
+    let w = world("limits-silent", &["--idle-timeout", "2s"])?;
+    let dst = w.echo();
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-c", SILENT, &dst.ip().to_string(), &dst.port().to_string()]);
+    let out = w.cluster.exec_in_pod(&w.client, cmd)?.success()?;
+    let seen: Value = serde_json::from_str(out.stdout.trim()).with_context(|| out.stdout.clone())?;
+    eprintln!("a silent mesh connection with --idle-timeout 2s: {seen}");
+    let after = seen["closed_after"].as_f64().unwrap_or(f64::MAX);
+    ensure!(seen["echo"] == "ping", "the connection did not carry: {seen}");
+    ensure!(
+        seen["end"] == "" || seen["error"].is_string(),
+        "something other than a close arrived: {seen}"
+    );
+    ensure!(
+        (1.9..15.0).contains(&after),
+        "closed after {after} s of silence, not about 2: {seen}"
+    );
     Ok(())
 }
