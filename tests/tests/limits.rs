@@ -21,26 +21,44 @@ const IDLE: usize = 5_000;
 const MAX_EXTRA_FDS: usize = 1_000;
 const MAX_EXTRA_RSS_KIB: u64 = 48 * 1024;
 
-/// Opens N connections to HOST:PORT, one by one, then holds them without a byte sent; prints
-/// one JSON line once all are tried. A connection the server closes stays held here.
+/// Opens N connections to HOST:PORT, a batch at a time without waiting on each (so that all
+/// are open well within the server's timeouts), then holds them without a byte sent; prints one
+/// JSON line once all are tried. A connection the server closes stays held here.
 const HOLDER: &str = r#"
-import json, resource, signal, socket, sys
+import errno, json, os, resource, select, signal, socket, sys, time
 host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 if soft < n + 100:
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, n + 100), hard))
-held, failed, error = [], 0, None
-for _ in range(n):
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.settimeout(5)
-    try:
-        s.connect((host, port))
-        held.append(s)
-    except OSError as e:
-        failed += 1
-        error = str(e)
+held, failed, error, began = [], 0, None, time.monotonic()
+for start in range(0, n, 500):
+    pending, poll = {}, select.poll()
+    for _ in range(min(500, n - start)):
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.setblocking(False)
+        rc = s.connect_ex((host, port))
+        if rc in (0, errno.EINPROGRESS):
+            pending[s.fileno()] = s
+            poll.register(s, select.POLLOUT)
+        else:
+            failed, error = failed + 1, os.strerror(rc)
+            s.close()
+    deadline = time.monotonic() + 10
+    while pending and time.monotonic() < deadline:
+        for fd, _ in poll.poll(500):
+            s = pending.pop(fd)
+            poll.unregister(fd)
+            rc = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+            if rc == 0:
+                held.append(s)
+            else:
+                failed, error = failed + 1, os.strerror(rc)
+                s.close()
+    for s in pending.values():
+        failed, error = failed + 1, "connect timed out"
         s.close()
-print(json.dumps({"event": "holding", "held": len(held), "failed": failed, "error": error}), flush=True)
+took = time.monotonic() - began
+print(json.dumps({"event": "holding", "held": len(held), "failed": failed, "error": error, "seconds": took}), flush=True)
 while True:
     signal.pause()
 "#;
@@ -82,14 +100,15 @@ fn raise_open_files_limit(want: u64) -> Result<()> {
     Ok(())
 }
 
-fn hold(cluster: &Cluster, pod: &Pod, dst: SocketAddr) -> Result<Proc> {
+/// Holds `n` idle connections from `pod` to `dst` (see [`HOLDER`]).
+fn hold(cluster: &Cluster, pod: &Pod, dst: SocketAddr, n: usize) -> Result<Proc> {
     let mut cmd = Command::new("/usr/bin/python3");
     cmd.args([
         "-c",
         HOLDER,
         &dst.ip().to_string(),
         &dst.port().to_string(),
-        &IDLE.to_string(),
+        &n.to_string(),
     ]);
     cluster.spawn_in_pod(pod, cmd)
 }
@@ -162,12 +181,46 @@ fn idle_sockets_on_metrics_and_hbone_stop_neither_and_cost_little() -> Result<()
         (&w.cluster, &w.agents, &w.a, &w.server, &w.client, &w.intruder);
     let dst = w.echo();
 
+    // The sockets the agent holds for a peer probe it: keepalive is on. (ss shows one timer per
+    // socket, so only idle ones show it: one from the intruder to each port, looked at at once,
+    // well within the request and handshake timeouts that will close them.)
+    let metrics_addr = SocketAddr::new(a.ipv4.into(), 15020);
+    let hbone_addr = SocketAddr::new(server.ipv4.into(), 15008);
+    let probes = [
+        hold(cluster, intruder, metrics_addr, 1)?,
+        hold(cluster, intruder, hbone_addr, 1)?,
+    ];
+    for probe in &probes {
+        held(probe)?;
+    }
+    let from_intruder = format!(" {}:", intruder.ipv4);
+    for port in [15020, 15008] {
+        let mut ss = Command::new("ss");
+        ss.args(["-tnoH", "state", "established", "sport", "=", &format!(":{port}")]);
+        let out = cluster.exec_on_node(a, ss)?.success()?.stdout;
+        let lines: Vec<&str> = out.lines().filter(|l| l.contains(&from_intruder)).collect();
+        ensure!(
+            !lines.is_empty(),
+            "no established socket from the intruder on :{port}"
+        );
+        let bare: Vec<&&str> = lines.iter().filter(|l| !l.contains("timer:(keepalive")).collect();
+        ensure!(
+            bare.is_empty(),
+            "{} of {} sockets on :{port} without keepalive, e.g. {:?}",
+            bare.len(),
+            lines.len(),
+            &bare[..bare.len().min(3)]
+        );
+    }
+
+    drop(probes);
+
     let agent = &agents[0];
     let pid = agent.proc()?.pid();
     let (fds_before, rss_before) = usage(pid)?;
     let started = Instant::now();
-    let on_metrics = hold(cluster, intruder, SocketAddr::new(a.ipv4.into(), 15020))?;
-    let on_hbone = hold(cluster, intruder, SocketAddr::new(server.ipv4.into(), 15008))?;
+    let on_metrics = hold(cluster, intruder, metrics_addr, IDLE)?;
+    let on_hbone = hold(cluster, intruder, hbone_addr, IDLE)?;
     let (metrics_held, hbone_held) = (held(&on_metrics)?, held(&on_hbone)?);
     let opened = started.elapsed();
     let (fds_during, rss_during) = usage(pid)?;
@@ -192,29 +245,6 @@ fn idle_sockets_on_metrics_and_hbone_stop_neither_and_cost_little() -> Result<()
         ensure!(
             h["held"].as_u64().unwrap_or(0) + h["failed"].as_u64().unwrap_or(0) == IDLE as u64,
             "the {what} holder did not try every socket: {h}"
-        );
-    }
-
-    // The sockets the agent holds for them probe the peer: keepalive is on. (ss shows one
-    // timer per socket, so only the idle ones show it: the intruder's; looked at first, well
-    // within the request and handshake timeouts that will close them.)
-    let from_intruder = format!(" {}:", intruder.ipv4);
-    for port in [15020, 15008] {
-        let mut ss = Command::new("ss");
-        ss.args(["-tnoH", "state", "established", "sport", "=", &format!(":{port}")]);
-        let out = cluster.exec_on_node(a, ss)?.success()?.stdout;
-        let lines: Vec<&str> = out.lines().filter(|l| l.contains(&from_intruder)).collect();
-        ensure!(
-            !lines.is_empty(),
-            "no established socket from the intruder on :{port}"
-        );
-        let bare: Vec<&&str> = lines.iter().filter(|l| !l.contains("timer:(keepalive")).collect();
-        ensure!(
-            bare.is_empty(),
-            "{} of {} sockets on :{port} without keepalive, e.g. {:?}",
-            bare.len(),
-            lines.len(),
-            &bare[..bare.len().min(3)]
         );
     }
 
