@@ -1,6 +1,8 @@
 //! Bounded resources, end to end: thousands of idle sockets held against a real agent's
 //! metrics and HBONE listeners cost it a bounded number of descriptors and bytes, and neither
-//! scrapes nor mesh traffic stop; the admin API changes the log filter only over its socket.
+//! scrapes nor mesh traffic stop; the sockets it holds have keepalive; a silent carried
+//! connection is closed at the idle timeout; the admin API changes the log filter only over
+//! its socket.
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Command;
