@@ -34,7 +34,9 @@ pub enum NodeCommand {
     Connections,
     /// The kernel side: attached programs, maps and their fill, counters.
     Bpf,
-    /// Show the node's log filter, or set it (e.g. `info,mesh_node::proxy=debug`).
+    /// Show the node's log filter, or set it (e.g. `info,mesh_node::proxy=debug`). Setting it
+    /// needs the node's Unix socket (`--socket /run/mesh/admin.sock`, as root): over TCP the
+    /// admin API is read-only.
     LogLevel {
         /// The new filter; without it, the current one is shown.
         filter: Option<String>,

@@ -12,8 +12,9 @@ use mesh_api::client::Target;
 
 use crate::control::{self, ControllerEndpoint};
 use crate::ebpf::{DatapathConfig, Marks};
+use crate::limits::{Carried, Keepalive, Limits};
 use crate::netlink::{CaptureConfig, DEFAULT_CAPTURE_TABLE, DEFAULT_RULE_PRIORITY};
-use crate::{admin, health, metrics};
+use crate::{admin, health, httpd, metrics};
 
 /// The ports of DESIGN.md §5 that the agent owns.
 pub const OUTBOUND_PORT: u16 = 15001;
@@ -170,6 +171,46 @@ pub struct RunArgs {
     /// pods is steered there and admitted by policy.
     #[arg(long, env = "MESH_INBOUND_PLAIN_PORT", default_value_t = INBOUND_PLAIN_PORT)]
     pub inbound_plain_port: u16,
+    /// Connections each of the metrics, admin and readiness servers holds at once; more are
+    /// closed when accepted (counted in `mesh_listener_refused_total`).
+    #[arg(long, env = "MESH_HTTP_MAX_CONNECTIONS", default_value_t = 256)]
+    pub http_max_connections: usize,
+
+    /// Connections each of those servers holds at once from one address.
+    #[arg(long, env = "MESH_HTTP_MAX_CONNECTIONS_PER_PEER", default_value_t = 32)]
+    pub http_max_connections_per_peer: usize,
+
+    /// How long a client of those servers may take to send a request (head, then body); an
+    /// idle keep-alive connection is closed after it.
+    #[arg(long, env = "MESH_HTTP_REQUEST_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub http_request_timeout: Duration,
+
+    /// Inbound HBONE connections in their TLS and HTTP/2 set-up at once; more are closed.
+    #[arg(long, env = "MESH_HBONE_MAX_HANDSHAKES", default_value_t = 1024)]
+    pub hbone_max_handshakes: usize,
+
+    /// Inbound HBONE connections held at once from one address (a node's proxy, usually); the
+    /// same cap holds plaintext connections to PERMISSIVE pods from one address.
+    #[arg(long, env = "MESH_HBONE_MAX_CONNECTIONS_PER_PEER", default_value_t = 512)]
+    pub hbone_max_connections_per_peer: usize,
+
+    /// Bound on an inbound HBONE connection's set-up: TLS handshake and HTTP/2 preface.
+    #[arg(long, env = "MESH_HBONE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub hbone_handshake_timeout: Duration,
+
+    /// A carried connection (any direction) with no byte either way for this long is closed.
+    #[arg(long, env = "MESH_IDLE_TIMEOUT", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub idle_timeout: Duration,
+
+    /// TCP keepalive on every socket a peer can hold: idle time before the first probe (then
+    /// one every quarter of it, four in all).
+    #[arg(long, env = "MESH_TCP_KEEPALIVE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub tcp_keepalive: Duration,
+
+    /// TCP_USER_TIMEOUT on those sockets: how long sent data may go unacknowledged (0: the
+    /// kernel's default).
+    #[arg(long, env = "MESH_TCP_USER_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
+    pub tcp_user_timeout: Duration,
 }
 
 /// A mark: decimal, or hexadecimal with a `0x` prefix.
@@ -207,6 +248,8 @@ pub struct Config {
     pub connect_timeout: Duration,
     /// Inbound capture and STRICT: uplink, marks, routing table and rule priority.
     pub capture: CaptureConfig,
+    /// Caps and timeouts of the listeners and carried connections.
+    pub limits: Limits,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -231,6 +274,8 @@ pub enum ConfigError {
     BadRulePriority(u32),
     #[error("--inbound-plain-port: must not be 0, nor the outbound or HBONE port")]
     BadInboundPlainPort,
+    #[error("{0}: must be at least {1}")]
+    TooSmall(&'static str, &'static str),
 }
 
 impl Config {
@@ -283,6 +328,7 @@ impl RunArgs {
         if [0, self.outbound_port, crate::proxy::hbone::HBONE_PORT].contains(&self.inbound_plain_port) {
             return Err(ConfigError::BadInboundPlainPort);
         }
+        let limits = self.limits()?;
         let outbound_listeners = [
             ipv4.map(|_| SocketAddr::from((Ipv4Addr::UNSPECIFIED, self.outbound_port))),
             ipv6.map(|_| SocketAddr::from((Ipv6Addr::UNSPECIFIED, self.outbound_port))),
@@ -334,6 +380,63 @@ impl RunArgs {
                 marks,
                 table: self.capture_table,
                 rule_priority: self.capture_rule_priority,
+            },
+            limits,
+        })
+    }
+
+    fn limits(&self) -> Result<Limits, ConfigError> {
+        let too_small = [
+            (self.http_max_connections == 0, "--http-max-connections", "1"),
+            (
+                self.http_max_connections_per_peer == 0,
+                "--http-max-connections-per-peer",
+                "1",
+            ),
+            (
+                self.http_request_timeout.is_zero(),
+                "--http-request-timeout",
+                "1ms",
+            ),
+            (self.hbone_max_handshakes == 0, "--hbone-max-handshakes", "1"),
+            (
+                self.hbone_max_connections_per_peer == 0,
+                "--hbone-max-connections-per-peer",
+                "1",
+            ),
+            (
+                self.hbone_handshake_timeout.is_zero(),
+                "--hbone-handshake-timeout",
+                "1ms",
+            ),
+            (self.idle_timeout.is_zero(), "--idle-timeout", "1ms"),
+            // The kernel counts keepalive in whole seconds.
+            (
+                self.tcp_keepalive < Duration::from_secs(1),
+                "--tcp-keepalive",
+                "1s",
+            ),
+        ];
+        if let Some((_, flag, least)) = too_small.iter().find(|(small, _, _)| *small) {
+            return Err(ConfigError::TooSmall(flag, least));
+        }
+        let keepalive = Keepalive {
+            time: self.tcp_keepalive,
+            user_timeout: self.tcp_user_timeout,
+        };
+        Ok(Limits {
+            http: httpd::Limits {
+                max_connections: self.http_max_connections,
+                max_connections_per_peer: self.http_max_connections_per_peer,
+                request_timeout: self.http_request_timeout,
+                keepalive,
+            },
+            hbone_max_handshakes: self.hbone_max_handshakes,
+            hbone_max_connections_per_peer: self.hbone_max_connections_per_peer,
+            hbone_handshake_timeout: self.hbone_handshake_timeout,
+            carried: Carried {
+                keepalive,
+                idle_timeout: self.idle_timeout,
             },
         })
     }
@@ -516,5 +619,34 @@ mod tests {
             let err = parse(&["--node-ip", "10.0.0.1", "--inbound-plain-port", port]).unwrap_err();
             assert!(err.contains("--inbound-plain-port"), "{port}: {err}");
         }
+    }
+
+    #[test]
+    fn limits_defaults_and_flags() {
+        let c = parse(&["--node-ip", "10.0.0.1"]).unwrap();
+        assert_eq!(c.limits.http, httpd::Limits::default());
+        assert_eq!(c.limits.carried, Carried::default());
+        assert_eq!(c.limits.hbone_max_handshakes, 1024);
+        let c = parse(&[
+            "--node-ip",
+            "10.0.0.1",
+            "--http-max-connections",
+            "10",
+            "--hbone-max-connections-per-peer",
+            "7",
+            "--idle-timeout",
+            "5m",
+            "--tcp-user-timeout",
+            "0s",
+        ])
+        .unwrap();
+        assert_eq!(c.limits.http.max_connections, 10);
+        assert_eq!(c.limits.hbone_max_connections_per_peer, 7);
+        assert_eq!(c.limits.carried.idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.limits.carried.keepalive.user_timeout, Duration::ZERO);
+        let err = parse(&["--node-ip", "10.0.0.1", "--hbone-max-handshakes", "0"]).unwrap_err();
+        assert_eq!(err, "--hbone-max-handshakes: must be at least 1");
+        let err = parse(&["--node-ip", "10.0.0.1", "--tcp-keepalive", "500ms"]).unwrap_err();
+        assert_eq!(err, "--tcp-keepalive: must be at least 1s");
     }
 }

@@ -10,28 +10,23 @@
 //!   says `stale config since <RFC 3339>` and the header `x-mesh-config-stale-since` carries
 //!   the time, for monitoring to alert on.
 //!
-//! The server is a minimal HTTP/1.1 responder (one request per connection, bounded request
-//! head and time), enough for kubelet probes and curl.
-use std::io;
+//! The server is the agent's one HTTP server ([`httpd`]), with its bounds.
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
+use http_body_util::Full;
+use hyper::body::Bytes;
+use hyper::header::{HeaderValue, CACHE_CONTROL, CONNECTION};
+use hyper::{Method, Response, StatusCode};
 
 use crate::control::{ConnectionStatus, ControlHandle, NodeState};
+use crate::httpd::{self, Router};
 
 pub const DEFAULT_ADDR: SocketAddr = SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, 15021));
 pub const READY_PATH: &str = "/healthz/ready";
 pub const STALE_HEADER: &str = "x-mesh-config-stale-since";
-
-const MAX_HEAD: usize = 8 * 1024;
-const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
-const MAX_CONNECTIONS: usize = 64;
 
 /// The answer to a readiness probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,120 +110,50 @@ impl Readiness {
     }
 }
 
-/// Serves probes on `listener` until `stop`.
-pub async fn serve(listener: TcpListener, readiness: Readiness, stop: CancellationToken) {
-    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let accepted = tokio::select! {
-            _ = stop.cancelled() => return,
-            accepted = listener.accept() => accepted,
-        };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
-            Err(e) => {
-                tracing::warn!(error = %e, "health listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                continue;
+/// The probe's HTTP face: `GET`/`HEAD` on [`READY_PATH`], one request per connection (kubelet
+/// opens a new one for each probe anyway), served by [`httpd::Server`].
+pub fn router(readiness: Readiness) -> Router {
+    Arc::new(move |req| {
+        let with_stale = |v: &Verdict, mut resp: Response<Full<Bytes>>| {
+            if let Some(since) = v.stale_since {
+                let since = humantime::format_rfc3339_seconds(since).to_string();
+                if let Ok(value) = HeaderValue::from_str(&since) {
+                    resp.headers_mut().insert(STALE_HEADER, value);
+                }
             }
+            resp
         };
-        // Over the limit, the connection is closed at once rather than queued.
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            continue;
+        let mut resp = match (req.method(), req.uri().path()) {
+            (&Method::GET | &Method::HEAD, READY_PATH) => {
+                let v = readiness.verdict();
+                let status = StatusCode::from_u16(v.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                with_stale(&v, text(status, format!("{}\n", v.body)))
+            }
+            (_, READY_PATH) => text(StatusCode::METHOD_NOT_ALLOWED, "only GET and HEAD\n".into()),
+            _ => text(StatusCode::NOT_FOUND, "not found; try /healthz/ready\n".into()),
         };
-        let readiness = readiness.clone();
-        tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &readiness)).await;
-            drop(permit);
-        });
-    }
+        let headers = resp.headers_mut();
+        headers.insert(CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        headers.insert(CONNECTION, HeaderValue::from_static("close"));
+        resp
+    })
 }
 
-async fn handle(mut stream: TcpStream, readiness: &Readiness) -> io::Result<()> {
-    let mut head = Vec::with_capacity(512);
-    let mut buf = [0u8; 1024];
-    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-        let n = stream.read(&mut buf).await?;
-        if n == 0 {
-            break;
-        }
-        head.extend_from_slice(&buf[..n]);
-        if head.len() > MAX_HEAD {
-            return respond(&mut stream, 431, "request head too large\n", None, true).await;
-        }
-    }
-    let line = head.split(|b| *b == b'\n').next().unwrap_or_default();
-    let line = String::from_utf8_lossy(line);
-    let mut parts = line.split_whitespace();
-    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    let path = target.split('?').next().unwrap_or("");
-    let with_body = method != "HEAD";
-    match (method, path) {
-        ("GET" | "HEAD", READY_PATH) => {
-            let v = readiness.verdict();
-            let stale = v
-                .stale_since
-                .map(|t| humantime::format_rfc3339_seconds(t).to_string());
-            respond(
-                &mut stream,
-                v.status,
-                &(v.body + "\n"),
-                stale.as_deref(),
-                with_body,
-            )
-            .await
-        }
-        (_, READY_PATH) => respond(&mut stream, 405, "only GET and HEAD\n", None, true).await,
-        ("", _) => respond(&mut stream, 400, "bad request\n", None, true).await,
-        _ => {
-            respond(
-                &mut stream,
-                404,
-                "not found; try /healthz/ready\n",
-                None,
-                with_body,
-            )
-            .await
-        }
-    }
-}
-
-async fn respond(
-    stream: &mut TcpStream,
-    status: u16,
-    body: &str,
-    stale_since: Option<&str>,
-    with_body: bool,
-) -> io::Result<()> {
-    let reason = match status {
-        200 => "OK",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        431 => "Request Header Fields Too Large",
-        _ => "Service Unavailable",
-    };
-    let mut response = format!(
-        "HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n\
-         content-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n",
-        body.len()
-    );
-    if let Some(since) = stale_since {
-        response.push_str(&format!("{STALE_HEADER}: {since}\r\n"));
-    }
-    response.push_str("\r\n");
-    if with_body {
-        response.push_str(body);
-    }
-    stream.write_all(response.as_bytes()).await?;
-    stream.shutdown().await
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    httpd::respond(status, "text/plain; charset=utf-8", body.into_bytes())
 }
 
 #[cfg(test)]
 mod tests {
     use mesh_api::Version;
 
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+    use tokio_util::sync::CancellationToken;
+
     use super::*;
     use crate::control::ControlError;
+    use crate::httpd::{Limits, Server};
 
     fn state(version: Option<u64>, stale_since: Option<SystemTime>) -> NodeState {
         let mut state = NodeState::new("a");
@@ -300,7 +225,8 @@ mod tests {
         let addr = listener.local_addr().unwrap();
         let readiness = Readiness::new(None);
         let stop = CancellationToken::new();
-        let server = tokio::spawn(serve(listener, readiness.clone(), stop.clone()));
+        let server = Server::new("readiness", router(readiness.clone()), Limits::default(), None);
+        let server = tokio::spawn(server.serve(listener, false, stop.clone()));
 
         let probe = "GET /healthz/ready HTTP/1.1\r\nHost: x\r\n\r\n";
         let r = get(addr, probe).await;

@@ -10,6 +10,7 @@ pub mod enrollment;
 pub mod health;
 pub mod httpd;
 pub mod identity;
+pub mod limits;
 pub mod logging;
 pub mod memory;
 pub mod metrics;

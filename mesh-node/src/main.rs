@@ -17,9 +17,10 @@ use mesh_node::config::{Cli, Command, Config, RunArgs};
 use mesh_node::connections::{AccessLog, Connections};
 use mesh_node::control::{self, ControlClient, NodeState};
 use mesh_node::identity::{self, CaSigner, CertStore, IdentityManager};
+use mesh_node::limits::Admission;
 use mesh_node::logging::{self, LogControl};
 use mesh_node::metrics::{self, Metrics};
-use mesh_node::proxy::hbone::{Pool, PoolConfig};
+use mesh_node::proxy::hbone::{Pool, PoolConfig, ServerSettings};
 use mesh_node::proxy::mesh::Mesh;
 use mesh_node::proxy::{inbound, inbound_plain, outbound};
 use mesh_node::{admin, ebpf, enrollment, health, httpd, memory, netlink, proxy, tls};
@@ -128,6 +129,8 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
     let certs_for_proxy = certs.clone();
     let identities = IdentityManager::new(CaSigner::new(cfg.controller.clone()), roots, certs.clone());
     let readiness = health::Readiness::new(Some(config.clone()));
+    let refused = metrics.listener_refused.clone();
+    let http_server = |name, router| httpd::Server::new(name, router, cfg.limits.http, Some(refused.clone()));
     let mut tasks = vec![
         tokio::spawn(control.run(stop.clone())),
         tokio::spawn(memory::trim_periodically(stop.clone())),
@@ -136,12 +139,14 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
             |s: &Arc<NodeState>| s.local_identities(),
             stop.clone(),
         )),
-        tokio::spawn(health::serve(health_listener, readiness.clone(), stop.clone())),
-        tokio::spawn(httpd::serve(
-            "metrics",
+        tokio::spawn(http_server("readiness", health::router(readiness.clone())).serve(
+            health_listener,
+            false,
+            stop.clone(),
+        )),
+        tokio::spawn(http_server("metrics", metrics.clone().router()).serve(
             metrics_listener,
             false,
-            metrics.clone().router(),
             stop.clone(),
         )),
     ];
@@ -162,20 +167,17 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
         kernel: report,
         log,
     };
-    let router = admin.router();
-    tasks.push(tokio::spawn(httpd::serve(
-        "admin",
-        admin_listener,
-        true,
-        router.clone(),
-        stop.clone(),
-    )));
-    tasks.push(tokio::spawn(httpd::serve_unix(
-        "admin",
-        admin_socket,
-        router,
-        stop.clone(),
-    )));
+    tasks.push(tokio::spawn(
+        http_server("admin", admin.clone().router(admin::Access::ReadOnly)).serve(
+            admin_listener,
+            true,
+            stop.clone(),
+        ),
+    ));
+    tasks.push(tokio::spawn(
+        http_server("admin_socket", admin.router(admin::Access::ReadWrite))
+            .serve_unix(admin_socket, stop.clone()),
+    ));
     metrics::observe_node(&metrics, datapath.clone(), certs.clone());
     let node_ips: Vec<IpAddr> = [
         cfg.datapath.proxy_ipv4.map(IpAddr::from),
@@ -231,38 +233,77 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
         m.pool_connections.set(s.connections as i64);
         m.pool_streams.set(s.active_streams as i64);
     });
-    let mesh = Arc::new(Mesh::new(
-        config.clone(),
-        certs_for_proxy,
-        tls,
-        pool,
-        cfg.capture.marks.proxy,
-        cfg.connect_timeout,
-        connections,
-    ));
+    let mesh = Arc::new(
+        Mesh::new(
+            config.clone(),
+            certs_for_proxy,
+            tls,
+            pool,
+            cfg.capture.marks.proxy,
+            cfg.connect_timeout,
+            connections,
+        )
+        .with_carried(cfg.limits.carried),
+    );
     let (out_cfg, out_mesh) = (cfg.clone(), mesh.clone());
+    let keepalive = cfg.limits.carried.keepalive;
     tasks.push(tokio::spawn(proxy::serve(
         "outbound",
         listeners,
+        proxy::Accepting {
+            keepalive,
+            admission: None,
+        },
         tracker.clone(),
         stop.clone(),
         move |c, p| outbound::handle(out_cfg.clone(), out_mesh.clone(), c, p),
     )));
     let plain_mesh = mesh.clone();
+    // Plaintext clients are outside the mesh, so each address is held to the same cap as an
+    // HBONE peer.
     tasks.push(tokio::spawn(proxy::serve(
         "inbound-plaintext",
         plain_listeners,
+        proxy::Accepting {
+            keepalive,
+            admission: Some(Admission::new(
+                "inbound_plaintext",
+                usize::MAX,
+                cfg.limits.hbone_max_connections_per_peer,
+                Some(refused.clone()),
+            )),
+        },
         tracker.clone(),
         stop.clone(),
         move |c, p| inbound_plain::handle(plain_mesh.clone(), c, p),
     )));
     let in_stop = stop.clone();
+    let limits = &cfg.limits;
+    let in_limits = Arc::new(inbound::Limits {
+        handshakes: Admission::handshakes("hbone", limits.hbone_max_handshakes, Some(refused.clone())),
+        server: ServerSettings {
+            tls_handshake_timeout: limits.hbone_handshake_timeout,
+            preface_timeout: limits.hbone_handshake_timeout,
+            idle_timeout: limits.carried.idle_timeout,
+            ..ServerSettings::default()
+        },
+    });
+    let per_peer = limits.hbone_max_connections_per_peer;
     tasks.push(tokio::spawn(proxy::serve(
         "inbound",
         hbone_listeners,
+        proxy::Accepting {
+            keepalive,
+            admission: Some(Admission::new(
+                "hbone",
+                usize::MAX,
+                per_peer,
+                Some(refused.clone()),
+            )),
+        },
         tracker.clone(),
         stop.clone(),
-        move |c, p| inbound::handle(mesh.clone(), c, p, in_stop.clone()),
+        move |c, p| inbound::handle(mesh.clone(), in_limits.clone(), c, p, in_stop.clone()),
     )));
     info!(listeners = ?cfg.outbound_listeners, controller = %control::display_target(&cfg.controller.target), "ready");
 

@@ -154,7 +154,7 @@ fn exchange(
 fn proxy_exchange(node: &Node, dst: SocketAddr, mark: u32) -> io::Result<SocketAddr> {
     let conn = in_netns(&node.netns, || {
         tokio_rt().block_on(async {
-            match tokio::time::timeout(OK_WITHIN, connect_marked(dst, mark)).await {
+            match tokio::time::timeout(OK_WITHIN, connect_marked(dst, mark, Default::default())).await {
                 Ok(r) => r.and_then(|s| s.into_std()),
                 Err(_) => Err(io::Error::new(
                     io::ErrorKind::TimedOut,

@@ -59,6 +59,8 @@ pub struct Metrics {
     pub pool_streams: IntGauge,
     /// The eBPF programs' counters, copied from the kernel's map at scrape time.
     pub bpf_events: IntCounterVec,
+    /// Connections a listener closed at once, by listener and reason (over a cap, not local).
+    pub listener_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -156,6 +158,11 @@ impl Metrics {
                 "bpf_events_total",
                 "Decisions of the kernel programs (redirected, skipped and why, STRICT drops).",
                 &["event"],
+            )?,
+            listener_refused: counter(
+                "listener_refused_total",
+                "Connections a listener closed as soon as it accepted them, by listener and reason.",
+                &["listener", "reason"],
             )?,
             registry,
             process,

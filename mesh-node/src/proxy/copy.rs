@@ -1,13 +1,16 @@
 //! Copies both directions of a proxied connection. Like tokio's `copy_bidirectional`, but each
 //! direction's buffer starts small and grows only when reads fill it: a thousand idle or
 //! request/response connections cost a page each way, a bulk transfer still moves 64 KiB per
-//! system call.
-use std::future::poll_fn;
+//! system call. A connection on which nothing moves for the idle timeout is closed, so that
+//! peers that vanished without a FIN (or never meant to send one) do not hold it for ever.
+use std::future::{poll_fn, Future};
 use std::io;
-use std::pin::Pin;
+use std::pin::{pin, Pin};
 use std::task::{ready, Context, Poll};
+use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 
 /// The first buffer of each direction.
 const INITIAL: usize = 4 * 1024;
@@ -15,20 +18,39 @@ const INITIAL: usize = 4 * 1024;
 pub const MAX: usize = 64 * 1024;
 
 /// Copies `a` → `b` and `b` → `a` until both have ended (each end is shut down for writing
-/// after its source's EOF). Returns the bytes copied (a → b, b → a).
-pub async fn bidirectional<A, B>(a: &mut A, b: &mut B) -> io::Result<(u64, u64)>
+/// after its source's EOF), or until no byte has moved either way for `idle` (then a
+/// `TimedOut` error). Returns the bytes copied (a → b, b → a).
+pub async fn bidirectional<A, B>(a: &mut A, b: &mut B, idle: Duration) -> io::Result<(u64, u64)>
 where
     A: AsyncRead + AsyncWrite + Unpin + ?Sized,
     B: AsyncRead + AsyncWrite + Unpin + ?Sized,
 {
     let (mut ab, mut ba) = (Half::new(), Half::new());
+    // The timer is moved only when it fires: resetting it on every read would cost a timer
+    // operation per read on a busy connection.
+    let mut moved_at = Instant::now();
+    let mut timer = pin!(tokio::time::sleep(idle));
     poll_fn(|cx| {
+        let before = ab.copied + ba.copied;
         let ab_done = ab.poll(cx, &mut *a, &mut *b)?;
         let ba_done = ba.poll(cx, &mut *b, &mut *a)?;
-        match (ab_done, ba_done) {
-            (Poll::Ready(x), Poll::Ready(y)) => Poll::Ready(Ok((x, y))),
-            _ => Poll::Pending,
+        if let (Poll::Ready(x), Poll::Ready(y)) = (ab_done, ba_done) {
+            return Poll::Ready(Ok((x, y)));
         }
+        if ab.copied + ba.copied != before {
+            moved_at = Instant::now();
+        }
+        while timer.as_mut().poll(cx).is_ready() {
+            let deadline = moved_at + idle;
+            if deadline <= Instant::now() {
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    format!("idle for {idle:?}"),
+                )));
+            }
+            timer.as_mut().reset(deadline);
+        }
+        Poll::Pending
     })
     .await
 }
@@ -118,7 +140,10 @@ mod tests {
     async fn copies_both_ways_byte_exact_and_half_closes() {
         let (mut app_a, mut proxy_a) = tokio::io::duplex(8 * 1024);
         let (mut proxy_b, mut app_b) = tokio::io::duplex(8 * 1024);
-        let copier = tokio::spawn(async move { bidirectional(&mut proxy_a, &mut proxy_b).await });
+        let copier =
+            tokio::spawn(
+                async move { bidirectional(&mut proxy_a, &mut proxy_b, Duration::from_secs(60)).await },
+            );
         let big: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
         let sent = big.clone();
         let writer = tokio::spawn(async move {
@@ -156,5 +181,29 @@ mod tests {
         })
         .await;
         assert_eq!(h.buf.len(), MAX);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_a_talking_one_is_not() {
+        let idle = Duration::from_secs(3600);
+        let (mut app_a, mut proxy_a) = tokio::io::duplex(1024);
+        let (mut proxy_b, mut app_b) = tokio::io::duplex(1024);
+        let copier = tokio::spawn(async move { bidirectional(&mut proxy_a, &mut proxy_b, idle).await });
+        // A byte every 40 minutes for four hours keeps it open.
+        let mut buf = [0u8; 1];
+        for _ in 0..6 {
+            tokio::time::sleep(Duration::from_secs(40 * 60)).await;
+            app_a.write_all(b"x").await.unwrap();
+            app_b.read_exact(&mut buf).await.unwrap();
+        }
+        assert!(!copier.is_finished());
+        let quiet_from = Instant::now();
+        let err = copier.await.unwrap().unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+        let quiet = quiet_from.elapsed();
+        assert!(
+            quiet >= idle && quiet < idle + Duration::from_secs(1),
+            "closed after {quiet:?}"
+        );
     }
 }

@@ -18,10 +18,25 @@ use super::hbone::{self, Deny, Handler, Request, ServerSettings};
 use super::mesh::Mesh;
 use super::upstream::connect_marked;
 use crate::connections::{ConnMeta, Counted, Direction, Orientation};
+use crate::limits::Admission;
 use crate::metrics::labels::{Peer, Reporter, ResponseFlags};
 use crate::policy::Decision;
 
-pub async fn handle(mesh: Arc<Mesh>, conn: TcpStream, peer: SocketAddr, stop: CancellationToken) {
+/// The inbound listener's bounds beyond its connection caps (which the accept loop applies).
+pub struct Limits {
+    /// Connections in their TLS and HTTP/2 set-up at once.
+    pub handshakes: Admission,
+    /// The HBONE server's timeouts (set-up, idle streams).
+    pub server: ServerSettings,
+}
+
+pub async fn handle(
+    mesh: Arc<Mesh>,
+    limits: Arc<Limits>,
+    conn: TcpStream,
+    peer: SocketAddr,
+    stop: CancellationToken,
+) {
     let local = match conn.local_addr() {
         Ok(a) => a,
         Err(e) => return debug!(%peer, error = %e, "inbound: no local address"),
@@ -45,8 +60,11 @@ pub async fn handle(mesh: Arc<Mesh>, conn: TcpStream, peer: SocketAddr, stop: Ca
                 return debug!(error = %e, "building the server TLS config failed");
             }
         };
+        let Ok(slot) = limits.handshakes.admit(Some(peer.ip())) else {
+            return debug!("too many handshakes in progress; closing");
+        };
         let handler = Arc::new(Inbound { mesh: mesh.clone() });
-        if let Err(e) = hbone::serve_tls(conn, tls, handler, &ServerSettings::default(), stop).await {
+        if let Err(e) = hbone::serve_tls_holding(conn, tls, handler, &limits.server, stop, slot).await {
             rejected(e.reason());
             debug!(reason = e.reason(), error = %e, "HBONE connection ended with an error");
         }
@@ -117,11 +135,11 @@ impl Handler for Inbound {
     }
 
     fn connect(&self, req: &Request) -> impl Future<Output = io::Result<Self::Upstream>> + Send {
-        let (dst, mark) = (req.dst, self.mesh.proxy_mark);
+        let (dst, mark, keepalive) = (req.dst, self.mesh.proxy_mark, self.mesh.carried.keepalive);
         let meta = self.meta(req);
         let connections = self.mesh.connections.clone();
         async move {
-            match connect_marked(dst, mark).await {
+            match connect_marked(dst, mark, keepalive).await {
                 Ok(s) => Ok(Counted::new(
                     s,
                     connections.open(meta),

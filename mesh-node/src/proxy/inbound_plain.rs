@@ -96,9 +96,12 @@ async fn carry(
             format!("denied by policy {policy}"),
         ));
     }
-    let connect = tokio::time::timeout(mesh.connect_timeout, connect_marked(dst, mesh.proxy_mark))
-        .await
-        .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")));
+    let connect = tokio::time::timeout(
+        mesh.connect_timeout,
+        connect_marked(dst, mesh.proxy_mark, mesh.carried.keepalive),
+    )
+    .await
+    .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")));
     let mut upstream = match connect {
         Ok(s) => s,
         Err(e) => {
@@ -108,7 +111,7 @@ async fn carry(
     };
     let _ = client.set_nodelay(true);
     let mut client = Counted::new(client, mesh.connections.open(meta), Orientation::FacesSource);
-    copy::bidirectional(&mut client, &mut upstream).await
+    copy::bidirectional(&mut client, &mut upstream, mesh.carried.idle_timeout).await
 }
 
 /// Records a connection that is not carried and resets the client, as the pod's own refusal

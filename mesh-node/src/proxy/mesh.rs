@@ -10,6 +10,7 @@ use super::hbone::Pool;
 use crate::connections::Connections;
 use crate::control::{ControlHandle, NodeState};
 use crate::identity::CertStore;
+use crate::limits::Carried;
 use crate::metrics::Metrics;
 use crate::policy::{self, Decision};
 use crate::tls::{self, ConfigCache};
@@ -25,6 +26,8 @@ pub struct Mesh {
     /// The live connections and their telemetry.
     pub connections: Connections,
     round_robin: AtomicUsize,
+    /// Keepalive and idle timeout of every carried connection.
+    pub carried: Carried,
 }
 
 impl Mesh {
@@ -48,7 +51,13 @@ impl Mesh {
             connect_timeout,
             connections,
             round_robin: AtomicUsize::new(0),
+            carried: Carried::default(),
         }
+    }
+
+    /// The same, with `carried` in place of the defaults.
+    pub fn with_carried(self, carried: Carried) -> Self {
+        Mesh { carried, ..self }
     }
 
     pub fn metrics(&self) -> &Metrics {

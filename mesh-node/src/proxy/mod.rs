@@ -16,16 +16,28 @@ pub mod upstream;
 use std::future::Future;
 use std::net::SocketAddr;
 
+use socket2::SockRef;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
+
+use crate::limits::{accept_loop, Admission, Keepalive};
+
+/// What a proxy listener applies to the connections it accepts.
+#[derive(Clone)]
+pub struct Accepting {
+    pub keepalive: Keepalive,
+    /// Caps on the connections held, in all and per peer address; `None`: no cap.
+    pub admission: Option<Admission>,
+}
 
 /// Accepts on `listeners` until `stop` is cancelled; every connection runs `handle` as a task
 /// on `tracker`, so the caller can drain them.
 pub async fn serve<F, Fut>(
     name: &'static str,
     listeners: Vec<TcpListener>,
+    accepting: Accepting,
     tracker: TaskTracker,
     stop: CancellationToken,
     handle: F,
@@ -34,23 +46,27 @@ pub async fn serve<F, Fut>(
     Fut: Future<Output = ()> + Send + 'static,
 {
     let accepts = listeners.into_iter().map(|l| {
-        let (tracker, stop, handle) = (tracker.clone(), stop.clone(), handle.clone());
+        let (tracker, stop, handle, accepting) =
+            (tracker.clone(), stop.clone(), handle.clone(), accepting.clone());
         tokio::spawn(async move {
-            loop {
-                let (conn, peer) = tokio::select! {
-                    _ = stop.cancelled() => return,
-                    r = l.accept() => match r {
-                        Ok(c) => c,
-                        Err(e) => {
-                            // EMFILE and friends: back off briefly instead of spinning.
-                            warn!(listener = name, error = %e, "accept failed");
-                            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                            continue;
-                        }
-                    },
+            accept_loop(name, &l, &stop, move |conn, peer| {
+                let admitted = match accepting.admission.as_ref().map(|a| a.admit(Some(peer.ip()))) {
+                    Some(Err(refused)) => {
+                        return debug!(listener = name, %peer, ?refused, "refused over the connection caps");
+                    }
+                    Some(Ok(admitted)) => Some(admitted),
+                    None => None,
                 };
-                tracker.spawn(handle(conn, peer));
-            }
+                if let Err(e) = accepting.keepalive.apply(SockRef::from(&conn)) {
+                    debug!(listener = name, error = %e, "setting keepalive failed");
+                }
+                let handled = handle(conn, peer);
+                tracker.spawn(async move {
+                    handled.await;
+                    drop(admitted);
+                });
+            })
+            .await
         })
     });
     for task in accepts.collect::<Vec<_>>() {

@@ -181,7 +181,7 @@ where
     U: AsyncRead + AsyncWrite + Unpin,
 {
     let mut client = Counted::new(client, mesh.connections.open(meta), Orientation::FacesSource);
-    copy::bidirectional(&mut client, &mut upstream).await
+    copy::bidirectional(&mut client, &mut upstream, mesh.carried.idle_timeout).await
 }
 
 /// Records a connection that could not be carried and resets the client: it already holds an
@@ -237,9 +237,12 @@ async fn passthrough(
 }
 
 async fn connect(mesh: &Mesh, dst: SocketAddr) -> io::Result<TcpStream> {
-    tokio::time::timeout(mesh.connect_timeout, connect_marked(dst, mesh.proxy_mark))
-        .await
-        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
+    tokio::time::timeout(
+        mesh.connect_timeout,
+        connect_marked(dst, mesh.proxy_mark, mesh.carried.keepalive),
+    )
+    .await
+    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 fn is_own_listener(cfg: &Config, dst: SocketAddr) -> bool {

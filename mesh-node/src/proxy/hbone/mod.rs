@@ -24,7 +24,7 @@ use http::StatusCode;
 use crate::tls::TlsError;
 
 pub use client::{Dialer, HboneStream, Pool, PoolConfig, PoolKey, PoolStats};
-pub use server::{serve_connection, serve_tls, Deny, Handler, Request, ServerSettings};
+pub use server::{serve_connection, serve_tls, serve_tls_holding, Deny, Handler, Request, ServerSettings};
 
 /// The HBONE port on every enrolled pod address.
 pub const HBONE_PORT: u16 = 15008;

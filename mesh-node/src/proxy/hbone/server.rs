@@ -74,14 +74,17 @@ pub trait Handler: Send + Sync + 'static {
 #[derive(Clone, Debug)]
 pub struct ServerSettings {
     pub h2: H2Settings,
-    /// Bound on the TLS handshake of an accepted connection.
+    /// Bound on the whole set-up of an accepted connection: the TLS handshake and then the
+    /// HTTP/2 client preface.
     pub tls_handshake_timeout: Duration,
-    /// Bound on receiving the HTTP/2 client preface after the handshake.
+    /// Bound on receiving the HTTP/2 client preface after the handshake (within the above).
     pub preface_timeout: Duration,
     /// Bound on [`Handler::connect`]; past it the stream is answered 503.
     pub upstream_connect_timeout: Duration,
     /// Answer 400 when `:authority`'s IP is not the connection's local IP (ztunnel does).
     pub require_authority_matches_local_ip: bool,
+    /// A tunnelled connection with no byte in either direction for this long is closed.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ServerSettings {
@@ -92,6 +95,7 @@ impl Default for ServerSettings {
             preface_timeout: Duration::from_secs(10),
             upstream_connect_timeout: Duration::from_secs(10),
             require_authority_matches_local_ip: true,
+            idle_timeout: crate::limits::DEFAULT_IDLE_TIMEOUT,
         }
     }
 }
@@ -108,6 +112,20 @@ pub async fn serve_tls<H: Handler>(
     settings: &ServerSettings,
     shutdown: CancellationToken,
 ) -> Result<(), HboneError> {
+    serve_tls_holding(tcp, tls, handler, settings, shutdown, ()).await
+}
+
+/// [`serve_tls`], holding `slot` until the connection is set up (TLS handshake and HTTP/2
+/// preface), not while it is served: a cap on handshakes in progress frees its place once the
+/// expensive, peer-paced part is over.
+pub async fn serve_tls_holding<H: Handler, S>(
+    tcp: TcpStream,
+    tls: Arc<tls::ServerConfig>,
+    handler: Arc<H>,
+    settings: &ServerSettings,
+    shutdown: CancellationToken,
+    slot: S,
+) -> Result<(), HboneError> {
     let local_addr = tcp.local_addr().map_err(|e| HboneError::Io(Arc::new(e)))?;
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
@@ -121,9 +139,15 @@ pub async fn serve_tls<H: Handler>(
             .map(|_| started.elapsed())
             .map_err(|e| e.reason()),
     );
-    let accepted = accepted?;
-    let (stream, peer) = accepted;
-    serve_connection(stream, peer, local_addr, handler, settings, shutdown).await
+    let (stream, peer) = accepted?;
+    // The preface within its own bound and what is left of the set-up's.
+    let left = settings.tls_handshake_timeout.saturating_sub(started.elapsed());
+    let io = tokio::select! {
+        r = read_preface(stream, settings.preface_timeout.min(left)) => r?,
+        _ = shutdown.cancelled() => return Ok(()),
+    };
+    drop(slot);
+    serve_h2(io, peer, local_addr, handler, settings, shutdown).await
 }
 
 /// Serves HBONE on an established mTLS connection from `peer_identity`, accepted on
@@ -144,12 +168,28 @@ where
         r = read_preface(io, settings.preface_timeout) => r?,
         _ = shutdown.cancelled() => return Ok(()),
     };
+    serve_h2(io, peer_identity, local_addr, handler, settings, shutdown).await
+}
+
+async fn serve_h2<IO, H>(
+    io: Rewind<IO>,
+    peer_identity: String,
+    local_addr: SocketAddr,
+    handler: Arc<H>,
+    settings: &ServerSettings,
+    shutdown: CancellationToken,
+) -> Result<(), HboneError>
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
     let ctx = Arc::new(Ctx {
         peer_identity,
         local_addr,
         handler,
         upstream_connect_timeout: settings.upstream_connect_timeout,
         check_authority: settings.require_authority_matches_local_ip,
+        idle_timeout: settings.idle_timeout,
     });
     let svc = service_fn(move |req| {
         let ctx = ctx.clone();
@@ -182,6 +222,7 @@ struct Ctx<H> {
     handler: Arc<H>,
     upstream_connect_timeout: Duration,
     check_authority: bool,
+    idle_timeout: Duration,
 }
 
 impl<H: Handler> Ctx<H> {
@@ -230,12 +271,13 @@ impl<H: Handler> Ctx<H> {
             };
         let on_upgrade = hyper::upgrade::on(&mut req);
         let handler = self.handler.clone();
+        let idle = self.idle_timeout;
         tokio::spawn(async move {
             let mut upstream = upstream;
             let result = match on_upgrade.await {
                 Ok(upgraded) => {
                     let mut downstream = TokioIo::new(upgraded);
-                    copy::bidirectional(&mut downstream, &mut upstream).await
+                    copy::bidirectional(&mut downstream, &mut upstream, idle).await
                 }
                 Err(e) => Err(io::Error::other(e)),
             };
