@@ -28,7 +28,7 @@ use std::{
 };
 
 use aya::programs::{tc::TcAttachType, SchedClassifier};
-use mesh_harness::{wait_until, Cluster, Node, Pod};
+use mesh_harness::{frames, wait_until, Cluster, Node, Pod};
 use mesh_node::{
     ebpf::{self, Datapath, DatapathConfig, Marks, Mode, TcKind},
     netlink::{self, CaptureConfig, CaptureRouting},
@@ -880,4 +880,127 @@ fn errors_name_the_interface_and_the_missing_marks() {
     let err = in_netns(&netns, || dp.set_inbound("eth0", &BTreeSet::new())).unwrap_err();
     assert!(matches!(err, ebpf::EbpfError::MarksNotSet), "{err}");
     agent.dp = Some(dp);
+}
+
+// ---------------------------------------------------------------------------------------------
+// STRICT fails closed.
+
+/// Sends `syn` from `attacker`'s eth0 and reports whether the destination pod's TCP stack
+/// answered it (a SYN-ACK back on the attacker's link).
+fn syn_answered(attacker: &Pod, syn: &frames::Syn) -> bool {
+    let raw = frames::RawSocket::open(&attacker.netns, &attacker.ifname).expect("AF_PACKET socket");
+    raw.send(&syn.frame()).expect("send the SYN");
+    raw.recv_matching(REFUSED_WITHIN, |f| syn.is_answered_by(f))
+        .expect("sniff")
+        .is_some()
+}
+
+/// A co-located pod hand-crafts SYNs to a STRICT pod behind 802.1Q/802.1ad tags with VLAN id 0,
+/// which the pod's kernel strips and accepts. Before STRICT the pod answers each of them (so
+/// the frames are ones a pod takes); with STRICT none is answered and the drops are counted.
+#[test]
+fn strict_drops_vlan_tagged_syns() {
+    let cluster = Cluster::new("strict_vlan").unwrap();
+    let na = cluster.add_node("a").unwrap();
+    let s = cluster.add_pod("a", "s").unwrap();
+    let m = cluster.add_pod("a", "m").unwrap();
+    let _server = EchoServer::start(&s, &[APP]);
+    let (s_mac, m_mac) = (
+        frames::mac_of(&s.netns, &s.ifname).unwrap(),
+        frames::mac_of(&m.netns, &m.ifname).unwrap(),
+    );
+    let variants: [(&str, Vec<(u16, u16)>); 4] = [
+        ("untagged", vec![]),
+        ("802.1Q", vec![(frames::ETH_P_8021Q, 0)]),
+        (
+            "802.1Q in 802.1Q",
+            vec![(frames::ETH_P_8021Q, 0), (frames::ETH_P_8021Q, 0)],
+        ),
+        (
+            "802.1Q in 802.1ad",
+            vec![(frames::ETH_P_8021AD, 0), (frames::ETH_P_8021Q, 0)],
+        ),
+    ];
+    let syn = |i: usize, tags: &[(u16, u16)]| frames::Syn {
+        dst_mac: s_mac,
+        src_mac: m_mac,
+        tags: tags.to_vec(),
+        src: m.ipv4,
+        dst: s.ipv4,
+        src_port: 41000 + i as u16,
+        dst_port: APP,
+    };
+    for (i, (what, tags)) in variants.iter().enumerate() {
+        assert!(
+            syn_answered(&m, &syn(i, tags)),
+            "{what}: without STRICT the pod answers the crafted SYN"
+        );
+    }
+
+    let mut agent = Agent::start(&na);
+    agent.set_strict(&[(&s, Mode::Strict)]);
+    for (i, (what, tags)) in variants.iter().enumerate() {
+        let dropped_before = agent.counter("strict_dropped");
+        assert!(
+            !syn_answered(&m, &syn(10 + i, tags)),
+            "{what}: a crafted SYN reached the STRICT pod"
+        );
+        assert!(
+            agent.counter("strict_dropped") > dropped_before,
+            "{what}: the drop was counted"
+        );
+    }
+    // ARP still passes (the pod stays reachable): the node resolves the pod and talks to it.
+    proxy_exchange(&na, sock(s.ipv4, APP), Marks::default().proxy).expect("the proxy reaches the STRICT pod");
+}
+
+/// With its configuration gone from `mesh_tc_config` (a map cleared, a set half-made), the
+/// STRICT program drops every SYN, the proxy's included, instead of letting them all in; what
+/// a pod needs to live (ARP, established flows) still passes.
+#[test]
+fn strict_without_config_drops() {
+    let cluster = Cluster::new("strict_noconf").unwrap();
+    let na = cluster.add_node("a").unwrap();
+    let s = cluster.add_pod("a", "s").unwrap();
+    let c = cluster.add_pod("a", "c").unwrap();
+    let server = EchoServer::start(&s, &[APP]);
+    let mut agent = Agent::start(&na);
+    agent.set_strict(&[(&s, Mode::Strict)]);
+    let established = in_netns(&na.netns, || {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        socket.set_mark(Marks::default().proxy).unwrap();
+        socket
+            .connect_timeout(&sock(s.ipv4, APP).into(), OK_WITHIN)
+            .expect("the proxy's connection before the config is cleared");
+        TcpStream::from(socket)
+    });
+
+    let pin = agent
+        .dp
+        .as_ref()
+        .unwrap()
+        .pin_path()
+        .join(mesh_common::MAP_TC_CONFIG);
+    let out = Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&pin)
+        .args(["key", "0", "0", "0", "0", "value"])
+        .args(["0"; 16])
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let unconfigured_before = agent.counter("tc_no_config");
+    for (from, mark) in [(&c.netns, None), (&na.netns, Some(Marks::default().proxy))] {
+        let err = exchange(from, sock(s.ipv4, APP), mark, REFUSED_WITHIN)
+            .expect_err("a SYN into an unconfigured STRICT pod");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{from}: {err}");
+    }
+    assert!(agent.counter("tc_no_config") > unconfigured_before);
+    assert_eq!(
+        server.accepted_on(APP).len(),
+        1,
+        "only the connection made before"
+    );
+    exchange_on(established).expect("an established connection keeps working");
 }
