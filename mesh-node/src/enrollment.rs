@@ -1,12 +1,13 @@
 //! Keeps the kernel's enrolled-cgroups map equal to the desired state — this node's enrolled
 //! pods as the controller describes them, found by pod UID under the pods cgroup root — on
 //! start, whenever the config changes, and periodically, so that drift (a vanished cgroup, a
-//! pod whose cgroup appears after its config, a map edited by hand) is repaired unasked.
+//! pod whose cgroup appears after its config, a map edited by hand) is repaired unasked. The same
+//! rounds keep inbound capture, STRICT enforcement and the capture routing in place.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -16,8 +17,9 @@ use mesh_api::MtlsMode;
 
 use crate::cgroups;
 use crate::control::NodeState;
-use crate::ebpf::{self, Datapath, Mode};
+use crate::ebpf::{self, Datapath, Keep};
 use crate::netlink::{self, CaptureRouting};
+use crate::pod_veth;
 
 /// An enrolled pod of this node and its cgroup directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +57,7 @@ pub fn desired<E: std::fmt::Display>(
     d
 }
 
-/// What the last round found, for the admin API: workloads by `namespace/name`.
+/// What the last round found, for the admin API and the metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
     /// The cgroup directory of each local pod found.
@@ -64,6 +66,12 @@ pub struct Report {
     pub captured: BTreeSet<String>,
     /// What could not be done, by workload or component.
     pub problems: BTreeMap<String, String>,
+    /// STRICT pods whose host-side interface was not found → why. Their last attachment stays.
+    pub strict_unresolved: BTreeMap<String, String>,
+    /// Rounds done since the agent started (this one included).
+    pub round: u64,
+    /// How long this round took.
+    pub duration: Duration,
 }
 
 /// Where this node's kernel state lives besides the maps: the pods' cgroup root, and the
@@ -73,27 +81,34 @@ pub struct Kernel {
     pub routing: CaptureRouting,
 }
 
-/// Reconciles until `stop`, publishing each round's [`Report`] on `report`. The datapath is
-/// shared with the admin API, which reads it between rounds.
-pub async fn run(
-    datapath: Arc<Mutex<Datapath>>,
+/// Reconciles until `stop`, publishing each round's [`Report`] on `report`. Blocking: the rounds
+/// read files, walk cgroups and talk to the kernel, so this runs on a thread of its own
+/// (`tokio::task::spawn_blocking`), never on the proxy's async workers. It owns the datapath;
+/// readers (metrics, admin API) use their own handle ([`Datapath::reopen`]), so none of them
+/// ever waits for a round.
+pub fn run(
+    mut datapath: Datapath,
     mut config: watch::Receiver<Arc<NodeState>>,
     kernel: Kernel,
     interval: Duration,
     report: watch::Sender<Arc<Report>>,
     stop: CancellationToken,
 ) {
+    let runtime = tokio::runtime::Handle::current();
     // Problems are logged when they change, not on every round.
     let mut last_problems = BTreeMap::new();
+    let mut strict = StrictMemory::default();
+    let mut rounds = 0;
     loop {
         let state = config.borrow_and_update().clone();
         // Before the first config, the kernel's pinned state is the best knowledge there is
         // (a restarted agent's); reconciling against nothing would stop capture.
         if state.has_config() {
-            let round = {
-                let mut dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
-                reconcile(&mut dp, &state, &kernel)
-            };
+            let started = Instant::now();
+            let mut round = reconcile(&mut datapath, &state, &kernel, &mut strict);
+            rounds += 1;
+            round.round = rounds;
+            round.duration = started.elapsed();
             for (what, reason) in &round.problems {
                 if last_problems.get(what) != Some(reason) {
                     warn!(%what, %reason, "not fully captured yet");
@@ -102,23 +117,36 @@ pub async fn run(
             last_problems = round.problems.clone();
             report.send_replace(Arc::new(round));
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval), if state.has_config() => {}
-            changed = config.changed() => if changed.is_err() {
-                // The control client is gone (shutdown); keep reconciling the last state.
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(interval) => {}
+        let go_on = runtime.block_on(async {
+            tokio::select! {
+                _ = stop.cancelled() => false,
+                _ = tokio::time::sleep(interval), if state.has_config() => true,
+                changed = config.changed() => {
+                    if changed.is_err() {
+                        // The control client is gone (shutdown); keep reconciling the last state.
+                        tokio::select! {
+                            _ = stop.cancelled() => return false,
+                            _ = tokio::time::sleep(interval) => {}
+                        }
+                    }
+                    true
                 }
-            },
+            }
+        });
+        if !go_on {
+            return;
         }
     }
 }
 
 /// One round: enrolled cgroups, inbound pod addresses, STRICT veths, capture routing. Reports
 /// what it found and what could not be done (by workload or component), to retry next round.
-fn reconcile(datapath: &mut Datapath, state: &NodeState, kernel: &Kernel) -> Report {
+fn reconcile(
+    datapath: &mut Datapath,
+    state: &NodeState,
+    kernel: &Kernel,
+    strict: &mut StrictMemory,
+) -> Report {
     let mut problems = BTreeMap::new();
     let workloads = match cgroups::resolve_enrolled(state, &kernel.pods_root) {
         Ok(r) => {
@@ -170,71 +198,152 @@ fn reconcile(datapath: &mut Datapath, state: &NodeState, kernel: &Kernel) -> Rep
         }
     }
 
-    let mut veths = BTreeMap::new();
-    for w in state.enrolled_local() {
+    let cgroup_dirs: BTreeMap<String, PathBuf> = workloads
+        .into_iter()
+        .map(|w| (format!("{}/{}", w.namespace, w.name), w.cgroup))
+        .collect();
+    let strict_unresolved = enforce_strict(datapath, state, &cgroup_dirs, strict, &mut problems);
+    if let Err(e) = netlink::ensure_capture_routing(&kernel.routing) {
+        problems.insert("capture routing".into(), e.to_string());
+    }
+    Report {
+        cgroups: cgroup_dirs,
+        captured,
+        problems,
+        strict_unresolved,
+        ..Report::default()
+    }
+}
+
+/// Finds the STRICT pods' host-side veths from their own network namespaces and attaches the
+/// STRICT program to them, keeping the last attachment of any pod not found. Returns the STRICT
+/// pods not found, → why.
+fn enforce_strict(
+    datapath: &mut Datapath,
+    state: &NodeState,
+    cgroup_dirs: &BTreeMap<String, PathBuf>,
+    memory: &mut StrictMemory,
+    problems: &mut BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
+    let mut outcomes = BTreeMap::new();
+    let mut lookups = BTreeMap::new();
+    for w in state.enrolled_local().filter(|w| w.mtls_mode == MtlsMode::Strict) {
         let key = format!("{}/{}", w.namespace, w.name);
-        match w.ips.first().map(|ip| netlink::host_interface_of(*ip)) {
-            Some(Ok(Some(veth))) => {
-                veths.insert(veth, mode(w.mtls_mode));
+        match (cgroup_dirs.get(&key), w.ips.first()) {
+            (Some(cgroup), Some(ip)) => {
+                lookups.insert(
+                    key,
+                    pod_veth::Pod {
+                        cgroup: cgroup.clone(),
+                        ip: *ip,
+                    },
+                );
             }
-            Some(Ok(None)) => {
-                // On a bridged pod network the veth is found through the bridge's neighbour
-                // and forwarding tables, which know a pod only once the node has talked to it.
-                if let Some(ip) = w.ips.first() {
-                    prime_neighbour(*ip);
-                }
-                problems.insert(key, "host-side interface not found (yet)".into());
+            (None, _) => {
+                outcomes.insert(key, Lookup::Absent("no cgroup directory (yet)".into()));
             }
-            None => {
-                problems.insert(key, "pod has no address".into());
-            }
-            Some(Err(e)) => {
-                problems.insert(key, e.to_string());
+            (_, None) => {
+                outcomes.insert(key, Lookup::Absent("pod has no address".into()));
             }
         }
     }
-    match datapath.set_strict(&veths) {
+    for (key, found) in pod_veth::host_veths(&lookups) {
+        let outcome = match found {
+            Ok(ifindex) => Lookup::Found(ifindex),
+            Err(e) => Lookup::NotFound(e.to_string()),
+        };
+        outcomes.insert(key, outcome);
+    }
+    let plan = memory.plan(&outcomes);
+    for (key, reason) in &plan.unresolved {
+        let kept = match (&plan.keep, memory.last.get(key)) {
+            (_, Some(ifindex)) => format!("if{ifindex}"),
+            (Keep::All, None) => "every STRICT link".into(),
+            (Keep::Only(_), None) => "none (never attached)".into(),
+        };
+        if memory.reported.get(key) != Some(reason) {
+            warn!(workload = %key, %reason, %kept, "STRICT pod's host-side interface not found; keeping its last attachment");
+        }
+        problems.insert(key.clone(), format!("STRICT interface not found: {reason}"));
+    }
+    memory.reported = plan.unresolved.clone();
+    match datapath.set_strict(&plan.attach, &plan.keep) {
         Ok(diff) => {
             if !diff.attached.is_empty() || !diff.detached.is_empty() {
-                info!(strict = ?diff.attached, permissive = ?diff.detached, "STRICT enforcement updated");
+                info!(strict = ?diff.attached, detached = ?diff.detached, kept = ?diff.kept, "STRICT enforcement updated");
             }
-            problems.extend(diff.unresolved);
+            for (ifindex, reason) in diff.unresolved {
+                problems.insert(format!("STRICT if{ifindex}"), reason);
+            }
         }
         Err(e) => {
             problems.insert("STRICT".into(), e.to_string());
         }
     }
-    if let Err(e) = netlink::ensure_capture_routing(&kernel.routing) {
-        problems.insert("capture routing".into(), e.to_string());
-    }
-    Report {
-        cgroups: workloads
-            .into_iter()
-            .map(|w| (format!("{}/{}", w.namespace, w.name), w.cgroup))
-            .collect(),
-        captured,
-        problems,
-    }
+    plan.unresolved
 }
 
-/// One empty datagram to the discard port makes the kernel resolve the pod's address, so the
-/// next round finds its veth. UDP passes STRICT, and a lost datagram is retried next round.
-fn prime_neighbour(ip: IpAddr) {
-    let bind: SocketAddr = match ip {
-        IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    if let Ok(socket) = std::net::UdpSocket::bind(bind) {
-        let _ = socket.send_to(&[], (ip, DISCARD_PORT));
-    }
+/// Where a STRICT pod's host-side veth was looked for, and what came of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Lookup {
+    /// Its ifindex in the node's namespace.
+    Found(u32),
+    /// The pod is there but its interface could not be found (why).
+    NotFound(String),
+    /// The pod is not on this node (yet): no cgroup, no address.
+    Absent(String),
 }
 
-const DISCARD_PORT: u16 = 9;
+/// What STRICT enforcement should hold this round.
+#[derive(Debug, PartialEq, Eq)]
+struct StrictPlan {
+    attach: BTreeSet<u32>,
+    keep: Keep,
+    /// STRICT pods not found → why.
+    unresolved: BTreeMap<String, String>,
+}
 
-fn mode(mtls: MtlsMode) -> Mode {
-    match mtls {
-        MtlsMode::Strict => Mode::Strict,
-        MtlsMode::Permissive => Mode::Permissive,
+/// The last interface each STRICT pod was found on, so that a pod not found this round keeps
+/// its attachment (and only its own, when it is known).
+#[derive(Debug, Default)]
+struct StrictMemory {
+    last: BTreeMap<String, u32>,
+    /// The unresolved pods last warned about, to warn on changes only.
+    reported: BTreeMap<String, String>,
+}
+
+impl StrictMemory {
+    /// Links go only where the kernel can be told for sure: a pod found elsewhere, no longer
+    /// STRICT, or gone. A pod that is there but not found keeps its last link, or — when that
+    /// is unknown, as after a restart — every STRICT link stays.
+    fn plan(&mut self, outcomes: &BTreeMap<String, Lookup>) -> StrictPlan {
+        self.last.retain(|pod, _| outcomes.contains_key(pod));
+        let mut attach = BTreeSet::new();
+        let mut kept = BTreeSet::new();
+        let mut keep_all = false;
+        let mut unresolved = BTreeMap::new();
+        for (pod, outcome) in outcomes {
+            match outcome {
+                Lookup::Found(ifindex) => {
+                    attach.insert(*ifindex);
+                    self.last.insert(pod.clone(), *ifindex);
+                }
+                Lookup::NotFound(reason) | Lookup::Absent(reason) => {
+                    unresolved.insert(pod.clone(), reason.clone());
+                    match self.last.get(pod) {
+                        Some(ifindex) => {
+                            kept.insert(*ifindex);
+                        }
+                        None => keep_all |= matches!(outcome, Lookup::NotFound(_)),
+                    }
+                }
+            }
+        }
+        StrictPlan {
+            attach,
+            keep: if keep_all { Keep::All } else { Keep::Only(kept) },
+            unresolved,
+        }
     }
 }
 
@@ -268,6 +377,60 @@ mod tests {
             d.unresolved.get("ns/gone").map(String::as_str),
             Some("no such cgroup")
         );
+    }
+
+    fn outcomes(list: &[(&str, Lookup)]) -> BTreeMap<String, Lookup> {
+        list.iter().map(|(k, l)| (k.to_string(), l.clone())).collect()
+    }
+
+    #[test]
+    fn strict_links_go_only_where_the_pod_is_known_not_to_be() {
+        let mut memory = StrictMemory::default();
+        let found = outcomes(&[("ns/a", Lookup::Found(7)), ("ns/b", Lookup::Found(8))]);
+        let plan = memory.plan(&found);
+        assert_eq!(plan.attach, BTreeSet::from([7, 8]));
+        assert_eq!(plan.keep, Keep::Only(BTreeSet::new()));
+        assert!(plan.unresolved.is_empty());
+
+        // b is not found (its neighbour spoofed, its process gone): its own link stays, a's
+        // attachment is unchanged.
+        let lost = outcomes(&[
+            ("ns/a", Lookup::Found(7)),
+            ("ns/b", Lookup::NotFound("no process".into())),
+        ]);
+        let plan = memory.plan(&lost);
+        assert_eq!(plan.attach, BTreeSet::from([7]));
+        assert_eq!(plan.keep, Keep::Only(BTreeSet::from([8])));
+        assert_eq!(plan.unresolved["ns/b"], "no process");
+
+        // b moved (a new sandbox, a new veth): the new one is attached, the old one may go.
+        let plan = memory.plan(&outcomes(&[
+            ("ns/a", Lookup::Found(7)),
+            ("ns/b", Lookup::Found(9)),
+        ]));
+        assert_eq!(plan.attach, BTreeSet::from([7, 9]));
+        assert_eq!(plan.keep, Keep::Only(BTreeSet::new()));
+
+        // b is no longer STRICT, a's cgroup is gone: b is forgotten, a keeps its link.
+        let plan = memory.plan(&outcomes(&[("ns/a", Lookup::Absent("no cgroup".into()))]));
+        assert!(plan.attach.is_empty());
+        assert_eq!(plan.keep, Keep::Only(BTreeSet::from([7])));
+        assert_eq!(memory.last.keys().collect::<Vec<_>>(), ["ns/a"]);
+    }
+
+    #[test]
+    fn after_a_restart_a_pod_not_found_keeps_every_strict_link() {
+        let mut memory = StrictMemory::default();
+        let plan = memory.plan(&outcomes(&[
+            ("ns/a", Lookup::Found(7)),
+            ("ns/b", Lookup::NotFound("no process".into())),
+        ]));
+        assert_eq!(plan.attach, BTreeSet::from([7]));
+        assert_eq!(plan.keep, Keep::All);
+        // A pod that is not on the node yet had no link to keep.
+        let plan = StrictMemory::default().plan(&outcomes(&[("ns/c", Lookup::Absent("no cgroup".into()))]));
+        assert_eq!(plan.keep, Keep::Only(BTreeSet::new()));
+        assert_eq!(plan.unresolved["ns/c"], "no cgroup");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod netlink;
+pub mod pod_veth;
 pub mod policy;
 pub mod proxy;
 pub mod tls;

@@ -30,8 +30,9 @@ use std::{
 use aya::programs::{tc::TcAttachType, SchedClassifier};
 use mesh_harness::{frames, wait_until, Cluster, Node, Pod};
 use mesh_node::{
-    ebpf::{self, Datapath, DatapathConfig, Marks, Mode, TcKind},
+    ebpf::{self, Datapath, DatapathConfig, Keep, Marks, TcKind},
     netlink::{self, CaptureConfig, CaptureRouting},
+    pod_veth,
     proxy::{listener::bind_transparent, upstream::connect_marked},
 };
 use socket2::{Domain, Protocol, Socket, Type};
@@ -60,6 +61,13 @@ fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
     })
+}
+
+/// A long-lived process for a pod's or node's cgroup (a pod's sandbox, as far as the lookup cares).
+fn sleeper() -> Command {
+    let mut cmd = Command::new("sleep");
+    cmd.arg("600");
+    cmd
 }
 
 fn tokio_rt() -> tokio::runtime::Runtime {
@@ -307,11 +315,19 @@ impl Agent {
         in_netns(&netns, || dp.set_inbound(uplink, &ips)).expect("set_inbound")
     }
 
-    fn set_strict(&mut self, modes: &[(&Pod, Mode)]) -> ebpf::StrictDiff {
-        let veths: BTreeMap<String, Mode> = modes.iter().map(|(p, m)| (p.host_veth.clone(), *m)).collect();
+    /// STRICT on exactly the veths of `strict`.
+    fn set_strict(&mut self, strict: &[&Pod]) -> ebpf::StrictDiff {
+        self.set_strict_keeping(strict, &Keep::Only(BTreeSet::new()))
+    }
+
+    fn set_strict_keeping(&mut self, strict: &[&Pod], keep: &Keep) -> ebpf::StrictDiff {
         let netns = self.node.netns.clone();
         let dp = self.dp();
-        in_netns(&netns, || dp.set_strict(&veths)).expect("set_strict")
+        in_netns(&netns, || {
+            let veths: BTreeSet<u32> = strict.iter().map(|p| ifindex(&p.host_veth)).collect();
+            dp.set_strict(&veths, keep)
+        })
+        .expect("set_strict")
     }
 
     fn counter(&self, name: &str) -> u64 {
@@ -433,6 +449,23 @@ fn our_prog_ids(dp: &Datapath) -> BTreeSet<u32> {
     dp.tc_links().unwrap().iter().filter_map(|l| l.prog_id).collect()
 }
 
+/// The index of interface `name` in the calling thread's network namespace.
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a valid C string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(index, 0, "no interface {name}");
+    index
+}
+
+/// The names of interfaces, as a diff reports them.
+fn names(ifaces: &[ebpf::Iface]) -> Vec<String> {
+    ifaces
+        .iter()
+        .map(|i| i.name.clone().unwrap_or_default())
+        .collect()
+}
+
 fn sock(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
@@ -535,8 +568,8 @@ fn strict_drops_plain_syns_and_admits_the_proxy() {
     );
 
     let mut agent = Agent::start(&na);
-    let diff = agent.set_strict(&[(&a1, Mode::Strict), (&a2, Mode::Permissive)]);
-    assert_eq!(diff.attached, vec![a1.host_veth.clone()]);
+    let diff = agent.set_strict(&[&a1]);
+    assert_eq!(names(&diff.attached), vec![a1.host_veth.clone()]);
     assert!(diff.unresolved.is_empty() && diff.detached.is_empty(), "{diff:?}");
     assert_eq!(
         tcx_progs(&na, &a1.host_veth, TcAttachType::Egress),
@@ -579,18 +612,57 @@ fn strict_drops_plain_syns_and_admits_the_proxy() {
         })
         .unwrap();
     }
-    // The node found the STRICT pod's veth by its addresses (the node has talked to it, so it
-    // has neighbour entries); a remote pod's address resolves to the uplink.
-    for ip in [IpAddr::from(a1.ipv4), IpAddr::from(a1.ipv6)] {
-        let found = in_netns(&na.netns, || netlink::host_interface_of(ip)).unwrap();
-        assert_eq!(
-            found.as_deref(),
-            Some(a1.host_veth.as_str()),
-            "host interface of {ip}"
-        );
-    }
-    let found = in_netns(&na.netns, || netlink::host_interface_of(b1.ipv4.into())).unwrap();
-    assert_eq!(found.as_deref(), Some(na.uplink.as_str()));
+    // The STRICT pod's veth, found from inside the pod through a process of its cgroup, IPv4
+    // and IPv6; a pod without a process cannot be looked into; a process in the node's own
+    // namespace has no veth of its own.
+    let _sandbox = cluster
+        .spawn_in_pod(&a1, sleeper())
+        .expect("a process in the pod's cgroup");
+    let host_veth = in_netns(&na.netns, || ifindex(&a1.host_veth));
+    let lookups = BTreeMap::from([
+        (
+            "v4",
+            pod_veth::Pod {
+                cgroup: a1.cgroup.clone(),
+                ip: a1.ipv4.into(),
+            },
+        ),
+        (
+            "v6",
+            pod_veth::Pod {
+                cgroup: a1.cgroup.clone(),
+                ip: a1.ipv6.into(),
+            },
+        ),
+        (
+            "empty",
+            pod_veth::Pod {
+                cgroup: a2.cgroup.clone(),
+                ip: a2.ipv4.into(),
+            },
+        ),
+        (
+            "node",
+            pod_veth::Pod {
+                cgroup: na.agent_cgroup.clone(),
+                ip: na.ipv4.into(),
+            },
+        ),
+    ]);
+    let _on_node = cluster
+        .spawn_on_node(&na, sleeper())
+        .expect("a process on the node");
+    let found = in_netns(&na.netns, || pod_veth::host_veths(&lookups));
+    assert_eq!(found["v4"].as_ref().ok(), Some(&host_veth), "{found:?}");
+    assert_eq!(found["v6"].as_ref().ok(), Some(&host_veth), "{found:?}");
+    assert!(
+        matches!(found["empty"], Err(pod_veth::VethError::NoProcess(_))),
+        "{found:?}"
+    );
+    assert!(
+        matches!(found["node"], Err(pod_veth::VethError::NodeNamespace)),
+        "{found:?}"
+    );
 
     // Another mark bit is not the proxy's.
     let err = exchange(
@@ -612,11 +684,20 @@ fn strict_drops_plain_syns_and_admits_the_proxy() {
     exchange(&b1.netns, sock(a2.ipv6, APP), None, OK_WITHIN).expect("remote pod → PERMISSIVE pod (IPv6)");
     assert_eq!(s2.accepts().len(), 3);
 
+    // A STRICT pod not found keeps its link: by its last interface, or all links when that is
+    // unknown.
+    for keep in [Keep::Only(BTreeSet::from([host_veth])), Keep::All] {
+        let diff = agent.set_strict_keeping(&[], &keep);
+        assert_eq!(names(&diff.kept), vec![a1.host_veth.clone()], "{keep:?}");
+        assert!(diff.detached.is_empty(), "{keep:?}: {diff:?}");
+    }
+    let err = exchange(&b1.netns, sock(a1.ipv4, APP), None, REFUSED_WITHIN).expect_err("still STRICT");
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+
     // Back to PERMISSIVE: the link goes, plain connections get in.
-    let diff = agent.set_strict(&[(&a1, Mode::Permissive), (&a2, Mode::Permissive)]);
-    assert_eq!(diff.attached, Vec::<String>::new());
-    assert_eq!(diff.detached.len(), 1);
-    assert_eq!(diff.detached[0].name.as_deref(), Some(a1.host_veth.as_str()));
+    let diff = agent.set_strict(&[]);
+    assert!(diff.attached.is_empty());
+    assert_eq!(names(&diff.detached), vec![a1.host_veth.clone()]);
     assert_eq!(
         tcx_progs(&na, &a1.host_veth, TcAttachType::Egress),
         Vec::<String>::new()
@@ -635,7 +716,7 @@ fn idempotent_restart_reuses_links_uninstall_removes_everything() {
     let s1 = EchoServer::start(&a1, &[APP]);
 
     let mut agent = Agent::start(&na);
-    let modes = [(&a1, Mode::Strict), (&a2, Mode::Permissive)];
+    let modes = [&a1];
     for round in 0..2 {
         let routing = agent.ensure_routing();
         let inbound = agent.set_inbound(&na.uplink, &[&a1, &a2]);
@@ -787,7 +868,7 @@ fn a_replaced_set_carries_tc_links_marks_and_addresses() {
     let mut agent = Agent::start(&na);
     agent.dp().set_marks(marks).unwrap();
     agent.set_inbound(&na.uplink, &[&a1]);
-    agent.set_strict(&[(&a1, Mode::Strict)]);
+    agent.set_strict(&[&a1]);
     let abi = agent.dp.as_ref().unwrap().abi().to_string();
     let old_links = agent.dp.as_ref().unwrap().tc_links().unwrap();
     agent.dp = None;
@@ -842,15 +923,16 @@ fn errors_name_the_interface_and_the_missing_marks() {
     let dp = agent.dp();
     let err = in_netns(&netns, || dp.set_inbound("nosuch0", &BTreeSet::new())).unwrap_err();
     assert!(err.to_string().contains("nosuch0"), "{err}");
+    let gone = 99_999;
     let diff = in_netns(&netns, || {
-        dp.set_strict(&BTreeMap::from([
-            ("vgone".to_string(), Mode::Strict),
-            (a1.host_veth.clone(), Mode::Strict),
-        ]))
+        dp.set_strict(
+            &BTreeSet::from([gone, ifindex(&a1.host_veth)]),
+            &Keep::Only(BTreeSet::new()),
+        )
     })
     .unwrap();
-    assert_eq!(diff.attached, vec![a1.host_veth.clone()]);
-    assert_eq!(diff.unresolved.keys().collect::<Vec<_>>(), vec!["vgone"]);
+    assert_eq!(names(&diff.attached), vec![a1.host_veth.clone()]);
+    assert_eq!(diff.unresolved.keys().collect::<Vec<_>>(), vec![&gone]);
     let err = dp
         .set_marks(Marks {
             capture: 0x3000,
@@ -938,7 +1020,7 @@ fn strict_drops_vlan_tagged_syns() {
     }
 
     let mut agent = Agent::start(&na);
-    agent.set_strict(&[(&s, Mode::Strict)]);
+    agent.set_strict(&[&s]);
     for (i, (what, tags)) in variants.iter().enumerate() {
         let dropped_before = agent.counter("strict_dropped");
         assert!(
@@ -965,7 +1047,7 @@ fn strict_without_config_drops() {
     let c = cluster.add_pod("a", "c").unwrap();
     let server = EchoServer::start(&s, &[APP]);
     let mut agent = Agent::start(&na);
-    agent.set_strict(&[(&s, Mode::Strict)]);
+    agent.set_strict(&[&s]);
     let established = in_netns(&na.netns, || {
         let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
         socket.set_mark(Marks::default().proxy).unwrap();

@@ -13,8 +13,8 @@ use hyper::body::Bytes;
 use hyper::{Method, Response, StatusCode};
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::httpd::{self, Request, Router};
@@ -59,6 +59,12 @@ pub struct Metrics {
     pub pool_streams: IntGauge,
     /// The eBPF programs' counters, copied from the kernel's map at scrape time.
     pub bpf_events: IntCounterVec,
+    /// Reconcile rounds done, and how long the last one took.
+    pub reconcile_rounds: IntCounter,
+    pub reconcile_duration: Gauge,
+    /// STRICT pods whose host-side interface the last round could not find (their last
+    /// attachment is kept).
+    pub strict_unresolved: IntGauge,
 }
 
 impl Metrics {
@@ -156,6 +162,27 @@ impl Metrics {
                 "bpf_events_total",
                 "Decisions of the kernel programs (redirected, skipped and why, STRICT drops).",
                 &["event"],
+            )?,
+            reconcile_rounds: add(
+                &registry,
+                IntCounter::new(
+                    "reconcile_rounds_total",
+                    "Rounds of the kernel-state reconcile loop.",
+                )?,
+            )?,
+            reconcile_duration: add(
+                &registry,
+                Gauge::new(
+                    "reconcile_last_duration_seconds",
+                    "How long the last reconcile round took.",
+                )?,
+            )?,
+            strict_unresolved: add(
+                &registry,
+                IntGauge::new(
+                    "strict_unresolved_pods",
+                    "STRICT pods whose host-side interface was not found in the last round; their last attachment is kept.",
+                )?,
             )?,
             registry,
             process,
