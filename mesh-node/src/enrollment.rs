@@ -250,6 +250,8 @@ fn enforce_strict(
     for (key, found) in pod_veth::host_veths(&lookups) {
         let outcome = match found {
             Ok(ifindex) => Lookup::Found(ifindex),
+            // A pod in the node's own namespace has no veth: nothing to keep for it.
+            Err(e @ pod_veth::VethError::NodeNamespace) => Lookup::Absent(e.to_string()),
             Err(e) => Lookup::NotFound(e.to_string()),
         };
         outcomes.insert(key, outcome);
@@ -290,7 +292,7 @@ enum Lookup {
     Found(u32),
     /// The pod is there but its interface could not be found (why).
     NotFound(String),
-    /// The pod is not on this node (yet): no cgroup, no address.
+    /// The pod has no veth here (yet): no cgroup, no address, or the node's own namespace.
     Absent(String),
 }
 
