@@ -17,4 +17,5 @@ pub mod netlink;
 pub mod pod_veth;
 pub mod policy;
 pub mod proxy;
+pub mod strict;
 pub mod tls;
