@@ -223,9 +223,11 @@ pub enum Counter {
     GetsockoptShortBuffer,
     /// Packets to a local pod's HBONE port marked for capture on the uplink.
     InboundMarked,
-    /// Packets the tc programs let through unchanged because `mesh_tc_config` is unset.
+    /// Packets the tc programs could not decide on because `mesh_tc_config` is unset (inbound
+    /// lets them through unmarked; STRICT drops them).
     TcNoConfig,
-    /// SYNs (and TCP fragments) into a STRICT pod dropped: not from the proxy.
+    /// Frames into a STRICT pod dropped: SYNs (and TCP fragments) not from the proxy, and
+    /// frames the program cannot parse (VLAN tags, other ethertypes).
     StrictDropped,
     /// SYNs into a STRICT pod let through: they carry the proxy's mark.
     StrictAllowedProxy,

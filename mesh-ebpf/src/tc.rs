@@ -32,8 +32,9 @@ pub const TCP_FLAG_SYN: u8 = 0x02;
 pub const TCP_FLAG_ACK: u8 = 0x10;
 
 const ETH_HLEN: usize = 14;
-const ETH_P_IP: u16 = 0x0800;
-const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_IP: u16 = 0x0800;
+pub const ETH_P_IPV6: u16 = 0x86dd;
+pub const ETH_P_ARP: u16 = 0x0806;
 const IPPROTO_TCP: u8 = 6;
 const IPV6_HLEN: usize = 40;
 /// IPv6 extension headers followed before giving up on finding the transport header.
@@ -80,13 +81,26 @@ pub fn set_mark(ctx: &TcContext, mark: u32) {
     unsafe { wr(addr_of_mut!((*ctx.skb.skb).mark), mark) }
 }
 
+/// The frame's ethertype, host order, as the kernel classified it (for a VLAN-tagged frame
+/// whose tag the kernel took out, the ethertype after the tag).
+#[inline(always)]
+pub fn ethertype(ctx: &TcContext) -> u16 {
+    let skb: *mut __sk_buff = ctx.skb.skb;
+    u16::from_be(unsafe { rd(addr_of!((*skb).protocol)) } as u16)
+}
+
+/// Whether the kernel holds a VLAN tag for the frame outside its data (the tag a bridge or a
+/// NIC took out); the parser reads past it unaware.
+#[inline(always)]
+pub fn vlan_tagged(ctx: &TcContext) -> bool {
+    unsafe { rd(addr_of!((*ctx.skb.skb).vlan_present)) != 0 }
+}
+
 /// Parses the Ethernet frame the program sees (tc runs with the MAC header in front, both on
 /// ingress and on egress).
 #[inline(always)]
 pub fn parse(ctx: &TcContext) -> Parsed {
-    let skb: *mut __sk_buff = ctx.skb.skb;
-    let proto = u16::from_be(unsafe { rd(addr_of!((*skb).protocol)) } as u16);
-    let parsed = match proto {
+    let parsed = match ethertype(ctx) {
         ETH_P_IP => parse_v4(ctx),
         ETH_P_IPV6 => parse_v6(ctx),
         _ => None,

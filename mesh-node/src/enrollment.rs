@@ -1,12 +1,13 @@
 //! Keeps the kernel's enrolled-cgroups map equal to the desired state — this node's enrolled
 //! pods as the controller describes them, found by pod UID under the pods cgroup root — on
 //! start, whenever the config changes, and periodically, so that drift (a vanished cgroup, a
-//! pod whose cgroup appears after its config, a map edited by hand) is repaired unasked.
+//! pod whose cgroup appears after its config, a map edited by hand) is repaired unasked. The same
+//! rounds keep inbound capture, STRICT enforcement and the capture routing in place.
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
@@ -18,6 +19,7 @@ use crate::cgroups;
 use crate::control::NodeState;
 use crate::ebpf::{self, Datapath, Mode};
 use crate::netlink::{self, CaptureRouting};
+use crate::strict::{self, StrictMemory};
 
 /// An enrolled pod of this node and its cgroup directory.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +57,7 @@ pub fn desired<E: std::fmt::Display>(
     d
 }
 
-/// What the last round found, for the admin API: workloads by `namespace/name`.
+/// What the last round found, for the admin API and the metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
     /// The cgroup directory of each local pod found.
@@ -64,6 +66,12 @@ pub struct Report {
     pub captured: BTreeSet<String>,
     /// What could not be done, by workload or component.
     pub problems: BTreeMap<String, String>,
+    /// STRICT pods whose host-side interface was not found → why. Their last attachment stays.
+    pub strict_unresolved: BTreeMap<String, String>,
+    /// Rounds done since the agent started (this one included).
+    pub round: u64,
+    /// How long this round took.
+    pub duration: Duration,
 }
 
 /// Where this node's kernel state lives besides the maps: the pods' cgroup root, and the
@@ -73,27 +81,34 @@ pub struct Kernel {
     pub routing: CaptureRouting,
 }
 
-/// Reconciles until `stop`, publishing each round's [`Report`] on `report`. The datapath is
-/// shared with the admin API, which reads it between rounds.
-pub async fn run(
-    datapath: Arc<Mutex<Datapath>>,
+/// Reconciles until `stop`, publishing each round's [`Report`] on `report`. Blocking: the rounds
+/// read files, walk cgroups and talk to the kernel, so this runs on a thread of its own
+/// (`tokio::task::spawn_blocking`), never on the proxy's async workers. It owns the datapath;
+/// readers (metrics, admin API) use their own handle ([`Datapath::reopen`]), so none of them
+/// ever waits for a round.
+pub fn run(
+    mut datapath: Datapath,
     mut config: watch::Receiver<Arc<NodeState>>,
     kernel: Kernel,
     interval: Duration,
     report: watch::Sender<Arc<Report>>,
     stop: CancellationToken,
 ) {
+    let runtime = tokio::runtime::Handle::current();
     // Problems are logged when they change, not on every round.
     let mut last_problems = BTreeMap::new();
+    let mut memory = StrictMemory::default();
+    let mut rounds = 0;
     loop {
         let state = config.borrow_and_update().clone();
         // Before the first config, the kernel's pinned state is the best knowledge there is
         // (a restarted agent's); reconciling against nothing would stop capture.
         if state.has_config() {
-            let round = {
-                let mut dp = datapath.lock().unwrap_or_else(|p| p.into_inner());
-                reconcile(&mut dp, &state, &kernel)
-            };
+            let started = Instant::now();
+            let mut round = reconcile(&mut datapath, &state, &kernel, &mut memory);
+            rounds += 1;
+            round.round = rounds;
+            round.duration = started.elapsed();
             for (what, reason) in &round.problems {
                 if last_problems.get(what) != Some(reason) {
                     warn!(%what, %reason, "not fully captured yet");
@@ -102,23 +117,36 @@ pub async fn run(
             last_problems = round.problems.clone();
             report.send_replace(Arc::new(round));
         }
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(interval), if state.has_config() => {}
-            changed = config.changed() => if changed.is_err() {
-                // The control client is gone (shutdown); keep reconciling the last state.
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(interval) => {}
+        let go_on = runtime.block_on(async {
+            tokio::select! {
+                _ = stop.cancelled() => false,
+                _ = tokio::time::sleep(interval), if state.has_config() => true,
+                changed = config.changed() => {
+                    if changed.is_err() {
+                        // The control client is gone (shutdown); keep reconciling the last state.
+                        tokio::select! {
+                            _ = stop.cancelled() => return false,
+                            _ = tokio::time::sleep(interval) => {}
+                        }
+                    }
+                    true
                 }
-            },
+            }
+        });
+        if !go_on {
+            return;
         }
     }
 }
 
 /// One round: enrolled cgroups, inbound pod addresses, STRICT veths, capture routing. Reports
 /// what it found and what could not be done (by workload or component), to retry next round.
-fn reconcile(datapath: &mut Datapath, state: &NodeState, kernel: &Kernel) -> Report {
+fn reconcile(
+    datapath: &mut Datapath,
+    state: &NodeState,
+    kernel: &Kernel,
+    memory: &mut StrictMemory,
+) -> Report {
     let mut problems = BTreeMap::new();
     let workloads = match cgroups::resolve_enrolled(state, &kernel.pods_root) {
         Ok(r) => {
@@ -170,66 +198,22 @@ fn reconcile(datapath: &mut Datapath, state: &NodeState, kernel: &Kernel) -> Rep
         }
     }
 
-    let mut veths = BTreeMap::new();
-    for w in state.enrolled_local() {
-        let key = format!("{}/{}", w.namespace, w.name);
-        match w.ips.first().map(|ip| netlink::host_interface_of(*ip)) {
-            Some(Ok(Some(veth))) => {
-                veths.insert(veth, mode(w.mtls_mode));
-            }
-            Some(Ok(None)) => {
-                // On a bridged pod network the veth is found through the bridge's neighbour
-                // and forwarding tables, which know a pod only once the node has talked to it.
-                if let Some(ip) = w.ips.first() {
-                    prime_neighbour(*ip);
-                }
-                problems.insert(key, "host-side interface not found (yet)".into());
-            }
-            None => {
-                problems.insert(key, "pod has no address".into());
-            }
-            Some(Err(e)) => {
-                problems.insert(key, e.to_string());
-            }
-        }
-    }
-    match datapath.set_strict(&veths) {
-        Ok(diff) => {
-            if !diff.attached.is_empty() || !diff.detached.is_empty() {
-                info!(strict = ?diff.attached, permissive = ?diff.detached, "STRICT enforcement updated");
-            }
-            problems.extend(diff.unresolved);
-        }
-        Err(e) => {
-            problems.insert("STRICT".into(), e.to_string());
-        }
-    }
+    let cgroup_dirs: BTreeMap<String, PathBuf> = workloads
+        .into_iter()
+        .map(|w| (format!("{}/{}", w.namespace, w.name), w.cgroup))
+        .collect();
+    let strict_unresolved = strict::enforce(datapath, state, &cgroup_dirs, memory, &mut problems);
     if let Err(e) = netlink::ensure_capture_routing(&kernel.routing) {
         problems.insert("capture routing".into(), e.to_string());
     }
     Report {
-        cgroups: workloads
-            .into_iter()
-            .map(|w| (format!("{}/{}", w.namespace, w.name), w.cgroup))
-            .collect(),
+        cgroups: cgroup_dirs,
         captured,
         problems,
+        strict_unresolved,
+        ..Report::default()
     }
 }
-
-/// One empty datagram to the discard port makes the kernel resolve the pod's address, so the
-/// next round finds its veth. UDP passes STRICT, and a lost datagram is retried next round.
-fn prime_neighbour(ip: IpAddr) {
-    let bind: SocketAddr = match ip {
-        IpAddr::V4(_) => (std::net::Ipv4Addr::UNSPECIFIED, 0).into(),
-        IpAddr::V6(_) => (std::net::Ipv6Addr::UNSPECIFIED, 0).into(),
-    };
-    if let Ok(socket) = std::net::UdpSocket::bind(bind) {
-        let _ = socket.send_to(&[], (ip, DISCARD_PORT));
-    }
-}
-
-const DISCARD_PORT: u16 = 9;
 
 fn mode(mtls: MtlsMode) -> Mode {
     match mtls {

@@ -15,6 +15,8 @@ pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod netlink;
+pub mod pod_veth;
 pub mod policy;
 pub mod proxy;
+pub mod strict;
 pub mod tls;

@@ -1,7 +1,7 @@
 //! The `mesh-node` binary: flags in, agent running until SIGTERM, one clear line on failure.
 use std::net::IpAddr;
 use std::process::ExitCode;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -153,7 +153,7 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
 
     let mut datapath = ebpf::Datapath::start(&cfg.datapath)?;
     datapath.set_marks(cfg.capture.marks)?;
-    let datapath = Arc::new(Mutex::new(datapath));
+    let reader = Arc::new(datapath.reopen()?);
     let (report_tx, report) = watch::channel(Arc::new(enrollment::Report::default()));
     let admin = admin::Admin {
         node: cfg.node_name.clone(),
@@ -163,8 +163,8 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
         readiness: readiness.clone(),
         certs: certs.clone(),
         connections: connections.clone(),
-        datapath: datapath.clone(),
-        kernel: report,
+        datapath: reader.clone(),
+        kernel: report.clone(),
         log,
     };
     tasks.push(tokio::spawn(
@@ -178,7 +178,7 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
         http_server("admin_socket", admin.router(admin::Access::ReadWrite))
             .serve_unix(admin_socket, stop.clone()),
     ));
-    metrics::observe_node(&metrics, datapath.clone(), certs.clone());
+    metrics::observe_node(&metrics, reader, certs.clone(), report);
     let node_ips: Vec<IpAddr> = [
         cfg.datapath.proxy_ipv4.map(IpAddr::from),
         cfg.datapath.proxy_ipv6.map(IpAddr::from),
@@ -207,24 +207,29 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
     readiness.set_capture_active(true);
-    let reused_pins = datapath.lock().map(|d| d.reused_pins()).unwrap_or_default();
+    let reused_pins = datapath.reused_pins();
     info!(
         node = %cfg.node_name,
         reused_pins,
         pods_cgroup = %cfg.datapath.pods_cgroup.display(),
         "capture active"
     );
-    tasks.push(tokio::spawn(enrollment::run(
-        datapath,
-        config.subscribe(),
-        enrollment::Kernel {
-            pods_root: cfg.datapath.pods_cgroup.clone(),
-            routing,
-        },
-        cfg.reconcile_interval,
-        report_tx,
-        stop.clone(),
-    )));
+    let (reconcile_config, reconcile_stop) = (config.subscribe(), stop.clone());
+    let kernel = enrollment::Kernel {
+        pods_root: cfg.datapath.pods_cgroup.clone(),
+        routing,
+    };
+    let interval = cfg.reconcile_interval;
+    tasks.push(tokio::task::spawn_blocking(move || {
+        enrollment::run(
+            datapath,
+            reconcile_config,
+            kernel,
+            interval,
+            report_tx,
+            reconcile_stop,
+        )
+    }));
     let tls = tls::ConfigCache::new(tls::roots_from_der(&roots_der)?, cfg.trust_domain.clone());
     let pool = Pool::new(PoolConfig::default());
     let observed = pool.clone();

@@ -18,14 +18,15 @@
 //! idempotent; [`remove_capture_routing`] removes all of ours and needs no configuration, so
 //! `mesh-node uninstall` finds them whatever flags the agent ran with.
 //!
-//! [`host_interface_of`] finds a local pod's host-side veth by its address, for
-//! `Datapath::set_strict`.
+//! [`pod_link`] (run inside a pod's network namespace) and [`veth_peer`] (on the node) find a
+//! STRICT pod's host-side veth for `Datapath::set_strict` (see `crate::pod_veth`).
 //!
 //! Synchronous, over a plain `NETLINK_ROUTE` socket (netlink-sys) with messages built and
-//! parsed by netlink-packet-route: a handful of requests at start-up and on uninstall. The
-//! socket lives in the calling thread's network namespace.
+//! parsed by netlink-packet-route. The socket lives in the calling thread's network namespace.
+//! Every request waits at most [`RECEIVE_TIMEOUT`] for each part of the kernel's answer, so a
+//! stuck answer fails the request instead of blocking its caller forever.
 
-use std::{ffi::CString, fmt, net::IpAddr, num::NonZeroI32};
+use std::{ffi::CString, fmt, net::IpAddr, num::NonZeroI32, os::fd::AsRawFd, time::Duration};
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL,
@@ -33,8 +34,8 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     address::{AddressAttribute, AddressMessage},
-    neighbour::{NeighbourAddress, NeighbourAttribute, NeighbourMessage},
-    route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
+    link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage},
+    route::{RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType},
     rule::{RuleAction, RuleAttribute, RuleMessage},
     AddressFamily, RouteNetlinkMessage,
 };
@@ -55,6 +56,9 @@ pub const DEFAULT_RULE_PRIORITY: u32 = 80;
 /// The routing protocol number on mesh's rules and routes (`proto 160` in `ip rule`/`ip route`):
 /// 15008 mod 256, outside iproute2's rt_protos list and Calico's 80.
 pub const RT_PROTO_MESH: u8 = 160;
+/// How long a request waits for each part of the kernel's answer: rtnetlink answers in
+/// microseconds, so this only ends a request whose answer never comes.
+pub const RECEIVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The inbound-capture routing of an agent's config (`--uplink`, `--capture-mark`,
 /// `--proxy-mark`, `--capture-table`, `--capture-rule-priority`).
@@ -131,6 +135,14 @@ impl RoutingDiff {
 pub enum NetlinkError {
     #[error("opening a NETLINK_ROUTE socket: {0}")]
     Socket(std::io::Error),
+    #[error("{action}: no answer from the kernel within {timeout:?}")]
+    Timeout { action: String, timeout: Duration },
+    #[error("no interface in this network namespace holds {0}")]
+    NoPodInterface(IpAddr),
+    #[error("interface #{0}, holding the pod's address, is not a veth")]
+    NotAVeth(u32),
+    #[error("the veth peer of interface #{0} is not in another network namespace")]
+    PeerNotOutside(u32),
     #[error("{action}: {err}")]
     Request { action: String, err: std::io::Error },
     #[error("{action}: cannot parse the kernel's answer: {err}")]
@@ -306,114 +318,44 @@ pub fn capture_routing() -> Result<Vec<String>, NetlinkError> {
 
 /// The interface holding `ip` in this network namespace.
 pub fn interface_with_address(ip: IpAddr) -> Result<Option<String>, NetlinkError> {
-    let mut nl = Netlink::open()?;
-    let msgs = nl.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()), || {
-        "listing addresses".to_string()
-    })?;
-    for msg in msgs {
-        let RouteNetlinkMessage::NewAddress(addr) = msg else {
-            continue;
-        };
-        let holds = addr.attributes.iter().any(|a| match a {
-            AddressAttribute::Address(a) | AddressAttribute::Local(a) => *a == ip,
-            _ => false,
-        });
-        if holds {
-            return Ok(Some(
-                ifname(addr.header.index).unwrap_or_else(|| addr.header.index.to_string()),
-            ));
-        }
-    }
-    Ok(None)
+    Ok(Netlink::open()?
+        .address_holder(ip)?
+        .map(|index| ifname(index).unwrap_or_else(|| index.to_string())))
 }
 
-/// The node-side interface a local pod's address is reached through: its host-side veth, the
-/// interface `set_strict` wants. With a routed CNI (Calico, Cilium, kindnet: a route per pod
-/// via its veth) that is the route's device. When the route goes to a bridge (bridge CNIs, the
-/// test harness), the veth is the bridge port that learned the pod's MAC (neighbour table →
-/// MAC, bridge FDB → port); `Ok(None)` while the node has no neighbour entry for the pod yet
-/// (it appears once the node or another pod has talked to it): retry later.
-pub fn host_interface_of(pod_ip: IpAddr) -> Result<Option<String>, NetlinkError> {
-    let mut nl = Netlink::open()?;
-    let action = || format!("looking up the route to {pod_ip}");
-    let mut query = RouteMessage::default();
-    let (family, len, dst) = match pod_ip {
-        IpAddr::V4(a) => (AddressFamily::Inet, 32, RouteAddress::Inet(a)),
-        IpAddr::V6(a) => (AddressFamily::Inet6, 128, RouteAddress::Inet6(a)),
-    };
-    query.header.address_family = family;
-    query.header.destination_prefix_length = len;
-    query.attributes = vec![RouteAttribute::Destination(dst)];
-    let replies = nl.request(RouteNetlinkMessage::GetRoute(query), NLM_F_ACK, &action)?;
-    let oif = replies
-        .iter()
-        .find_map(|m| match m {
-            RouteNetlinkMessage::NewRoute(r) => r.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(i) => Some(*i),
-                _ => None,
-            }),
-            _ => None,
-        })
-        .ok_or_else(|| NetlinkError::Decode {
-            action: action(),
-            err: "the route names no output interface".into(),
-        })?;
+/// A pod's interface in its own network namespace and the index of its veth peer in the
+/// namespace across the pair (`IFLA_LINK`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PodLink {
+    pub ifindex: u32,
+    pub peer_ifindex: u32,
+}
 
-    // Bridge FDB entries (AF_BRIDGE neighbours) of ports whose master is `oif`.
-    let mut fdb_query = NeighbourMessage::default();
-    fdb_query.header.family = AddressFamily::Bridge;
-    let fdb: Vec<(u32, Vec<u8>)> = nl
-        .dump(RouteNetlinkMessage::GetNeighbour(fdb_query), || {
-            "listing the bridge forwarding database".to_string()
-        })?
-        .into_iter()
-        .filter_map(|m| match m {
-            RouteNetlinkMessage::NewNeighbour(n) => {
-                let master = n.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::Controller(c) => Some(*c),
-                    _ => None,
-                });
-                let mac = n.attributes.iter().find_map(|a| match a {
-                    NeighbourAttribute::LinkLayerAddress(m) => Some(m.clone()),
-                    _ => None,
-                });
-                (master == Some(oif) && n.header.ifindex != oif).then_some((n.header.ifindex, mac?))
-            }
-            _ => None,
-        })
-        .collect();
-    if fdb.is_empty() {
-        // Not a bridge (or a bridge without ports): the route's device is the pod's interface.
-        return Ok(ifname(oif));
+/// Run inside a pod's network namespace: the interface holding `pod_ip`, which must be one end
+/// of a veth pair whose other end is in another namespace.
+pub fn pod_link(pod_ip: IpAddr) -> Result<PodLink, NetlinkError> {
+    let mut nl = Netlink::open()?;
+    let ifindex = nl
+        .address_holder(pod_ip)?
+        .ok_or(NetlinkError::NoPodInterface(pod_ip))?;
+    let link = nl.link(ifindex)?;
+    if !link.veth {
+        return Err(NetlinkError::NotAVeth(ifindex));
     }
-    let mut neigh_query = NeighbourMessage::default();
-    neigh_query.header.family = family;
-    let mac = nl
-        .dump(RouteNetlinkMessage::GetNeighbour(neigh_query), || {
-            "listing neighbours".to_string()
-        })?
-        .into_iter()
-        .find_map(|m| match m {
-            RouteNetlinkMessage::NewNeighbour(n) if n.header.ifindex == oif => {
-                let is_pod = n.attributes.iter().any(|a| match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(a)) => IpAddr::from(*a) == pod_ip,
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(a)) => IpAddr::from(*a) == pod_ip,
-                    _ => false,
-                });
-                is_pod.then(|| {
-                    n.attributes.iter().find_map(|a| match a {
-                        NeighbourAttribute::LinkLayerAddress(m) => Some(m.clone()),
-                        _ => None,
-                    })
-                })?
-            }
-            _ => None,
-        });
-    let Some(mac) = mac else { return Ok(None) };
-    Ok(fdb
-        .into_iter()
-        .find(|(_, m)| *m == mac)
-        .and_then(|(port, _)| ifname(port)))
+    match (link.peer, link.peer_netns) {
+        (Some(peer_ifindex), true) => Ok(PodLink {
+            ifindex,
+            peer_ifindex,
+        }),
+        _ => Err(NetlinkError::PeerNotOutside(ifindex)),
+    }
+}
+
+/// The veth peer index of interface `ifindex` of this network namespace, if it is a veth whose
+/// peer is in another one.
+pub fn veth_peer(ifindex: u32) -> Result<Option<u32>, NetlinkError> {
+    let link = Netlink::open()?.link(ifindex)?;
+    Ok((link.veth && link.peer_netns).then_some(link.peer).flatten())
 }
 
 fn uplink_of(node_ips: &[IpAddr]) -> Result<String, NetlinkError> {
@@ -649,22 +591,77 @@ impl fmt::Display for Route {
 
 struct Netlink {
     socket: Socket,
+    /// `SO_RCVTIMEO` of the socket.
+    timeout: Duration,
     seq: u32,
     buf: Vec<u8>,
 }
 
 impl Netlink {
     fn open() -> Result<Netlink, NetlinkError> {
+        Netlink::open_with(RECEIVE_TIMEOUT)
+    }
+
+    fn open_with(timeout: Duration) -> Result<Netlink, NetlinkError> {
         let mut socket = Socket::new(NETLINK_ROUTE).map_err(NetlinkError::Socket)?;
         socket.bind_auto().map_err(NetlinkError::Socket)?;
         socket
             .connect(&SocketAddr::new(0, 0))
             .map_err(NetlinkError::Socket)?;
+        set_receive_timeout(&socket, timeout).map_err(NetlinkError::Socket)?;
         Ok(Netlink {
             socket,
+            timeout,
             seq: 0,
             buf: vec![0; 64 * 1024],
         })
+    }
+
+    /// The index of the interface holding `ip`.
+    fn address_holder(&mut self, ip: IpAddr) -> Result<Option<u32>, NetlinkError> {
+        let msgs = self.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()), || {
+            "listing addresses".to_string()
+        })?;
+        Ok(msgs.into_iter().find_map(|msg| {
+            let RouteNetlinkMessage::NewAddress(addr) = msg else {
+                return None;
+            };
+            addr.attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(a) | AddressAttribute::Local(a) if *a == ip))
+                .then_some(addr.header.index)
+        }))
+    }
+
+    /// Interface `index`: whether it is a veth, and its peer (`IFLA_LINK`, and whether that
+    /// index is in another namespace: `IFLA_LINK_NETNSID`).
+    fn link(&mut self, index: u32) -> Result<Link, NetlinkError> {
+        let mut query = LinkMessage::default();
+        query.header.index = index;
+        let action = || format!("reading interface #{index}");
+        let answer = self
+            .request(RouteNetlinkMessage::GetLink(query), NLM_F_ACK, &action)?
+            .into_iter()
+            .find_map(|m| match m {
+                RouteNetlinkMessage::NewLink(l) if l.header.index == index => Some(l),
+                _ => None,
+            })
+            .ok_or_else(|| NetlinkError::Decode {
+                action: action(),
+                err: "no such interface in the answer".into(),
+            })?;
+        let mut link = Link::default();
+        for attr in &answer.attributes {
+            match attr {
+                LinkAttribute::Link(peer) => link.peer = Some(*peer),
+                LinkAttribute::LinkNetNsId(_) => link.peer_netns = true,
+                LinkAttribute::LinkInfo(infos) => {
+                    link.veth |= infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
+                }
+                _ => {}
+            }
+        }
+        Ok(link)
     }
 
     /// mesh's view of every IPv4/IPv6 rule, with the message to delete it by.
@@ -734,11 +731,36 @@ impl Netlink {
         let mut out = vec![0; packet.buffer_len()];
         packet.serialize(&mut out);
         self.socket.send(&out, 0).map_err(request_err)?;
+        self.answers(seq, flags & NLM_F_DUMP == NLM_F_DUMP, action)
+    }
 
-        let is_dump = flags & NLM_F_DUMP == NLM_F_DUMP;
+    /// The kernel's answers to request `seq`, up to their end (`NLMSG_DONE`, or the ACK of a
+    /// request that is not a dump).
+    fn answers(
+        &mut self,
+        seq: u32,
+        is_dump: bool,
+        action: &dyn Fn() -> String,
+    ) -> Result<Vec<RouteNetlinkMessage>, NetlinkError> {
+        let request_err = |err: std::io::Error| NetlinkError::Request {
+            action: action(),
+            err,
+        };
         let mut answers = Vec::new();
         loop {
-            let size = self.socket.recv(&mut &mut self.buf[..], 0).map_err(request_err)?;
+            let size = self.socket.recv(&mut &mut self.buf[..], 0).map_err(|err| {
+                if matches!(
+                    err.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) {
+                    NetlinkError::Timeout {
+                        action: action(),
+                        timeout: self.timeout,
+                    }
+                } else {
+                    request_err(err)
+                }
+            })?;
             let mut offset = 0;
             while offset < size {
                 let bytes = &self.buf[offset..size];
@@ -768,6 +790,37 @@ impl Netlink {
                 }
             }
         }
+    }
+}
+
+/// What [`Netlink::link`] reads of an interface.
+#[derive(Debug, Default)]
+struct Link {
+    veth: bool,
+    peer: Option<u32>,
+    peer_netns: bool,
+}
+
+/// `SO_RCVTIMEO`: a `recv` on the socket fails with `EAGAIN` after `timeout`.
+fn set_receive_timeout(socket: &Socket, timeout: Duration) -> std::io::Result<()> {
+    let tv = libc::timeval {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_usec: timeout.subsec_micros() as libc::suseconds_t,
+    };
+    // SAFETY: the option value is a valid timeval of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVTIMEO,
+            (&tv as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -803,6 +856,19 @@ mod tests {
             protocol: RT_PROTO_MESH,
         };
         assert_eq!(Route::parse(&route.message()), Some(route.clone()));
+    }
+
+    #[test]
+    fn an_answer_that_never_comes_times_out() {
+        let mut nl = Netlink::open_with(Duration::from_millis(50)).unwrap();
+        let started = std::time::Instant::now();
+        let err = nl.answers(1, false, &|| "listing nothing".into()).unwrap_err();
+        assert!(started.elapsed() < Duration::from_secs(5));
+        assert!(matches!(err, NetlinkError::Timeout { .. }), "{err}");
+        assert_eq!(
+            err.to_string(),
+            "listing nothing: no answer from the kernel within 50ms"
+        );
     }
 
     #[test]

@@ -28,10 +28,11 @@ use std::{
 };
 
 use aya::programs::{tc::TcAttachType, SchedClassifier};
-use mesh_harness::{wait_until, Cluster, Node, Pod};
+use mesh_harness::{frames, wait_until, Cluster, Node, Pod};
 use mesh_node::{
-    ebpf::{self, Datapath, DatapathConfig, Marks, Mode, TcKind},
+    ebpf::{self, Datapath, DatapathConfig, Keep, Marks, Mode, TcKind},
     netlink::{self, CaptureConfig, CaptureRouting},
+    pod_veth,
     proxy::{listener::bind_transparent, upstream::connect_marked},
 };
 use socket2::{Domain, Protocol, Socket, Type};
@@ -60,6 +61,13 @@ fn in_netns<T: Send>(netns: &str, f: impl FnOnce() -> T + Send) -> T {
         .join()
         .unwrap_or_else(|e| std::panic::resume_unwind(e))
     })
+}
+
+/// A long-lived process for a pod's or node's cgroup (a pod's sandbox, as far as the lookup cares).
+fn sleeper() -> Command {
+    let mut cmd = Command::new("sleep");
+    cmd.arg("600");
+    cmd
 }
 
 fn tokio_rt() -> tokio::runtime::Runtime {
@@ -312,11 +320,19 @@ impl Agent {
         in_netns(&netns, || dp.set_inbound(uplink, &ips)).expect("set_inbound")
     }
 
-    fn set_strict(&mut self, modes: &[(&Pod, Mode)]) -> ebpf::StrictDiff {
-        let veths: BTreeMap<String, Mode> = modes.iter().map(|(p, m)| (p.host_veth.clone(), *m)).collect();
+    /// STRICT on exactly the veths of `strict`.
+    fn set_strict(&mut self, strict: &[&Pod]) -> ebpf::StrictDiff {
+        self.set_strict_keeping(strict, &Keep::Only(BTreeSet::new()))
+    }
+
+    fn set_strict_keeping(&mut self, strict: &[&Pod], keep: &Keep) -> ebpf::StrictDiff {
         let netns = self.node.netns.clone();
         let dp = self.dp();
-        in_netns(&netns, || dp.set_strict(&veths)).expect("set_strict")
+        in_netns(&netns, || {
+            let veths: BTreeSet<u32> = strict.iter().map(|p| ifindex(&p.host_veth)).collect();
+            dp.set_strict(&veths, keep)
+        })
+        .expect("set_strict")
     }
 
     fn counter(&self, name: &str) -> u64 {
@@ -438,6 +454,23 @@ fn our_prog_ids(dp: &Datapath) -> BTreeSet<u32> {
     dp.tc_links().unwrap().iter().filter_map(|l| l.prog_id).collect()
 }
 
+/// The index of interface `name` in the calling thread's network namespace.
+fn ifindex(name: &str) -> u32 {
+    let c = std::ffi::CString::new(name).unwrap();
+    // SAFETY: a valid C string.
+    let index = unsafe { libc::if_nametoindex(c.as_ptr()) };
+    assert_ne!(index, 0, "no interface {name}");
+    index
+}
+
+/// The names of interfaces, as a diff reports them.
+fn names(ifaces: &[ebpf::Iface]) -> Vec<String> {
+    ifaces
+        .iter()
+        .map(|i| i.name.clone().unwrap_or_default())
+        .collect()
+}
+
 fn sock(ip: impl Into<IpAddr>, port: u16) -> SocketAddr {
     SocketAddr::new(ip.into(), port)
 }
@@ -540,8 +573,8 @@ fn strict_drops_plain_syns_and_admits_the_proxy() {
     );
 
     let mut agent = Agent::start(&na);
-    let diff = agent.set_strict(&[(&a1, Mode::Strict), (&a2, Mode::Permissive)]);
-    assert_eq!(diff.attached, vec![a1.host_veth.clone()]);
+    let diff = agent.set_strict(&[&a1]);
+    assert_eq!(names(&diff.attached), vec![a1.host_veth.clone()]);
     assert!(diff.unresolved.is_empty() && diff.detached.is_empty(), "{diff:?}");
     assert_eq!(
         tcx_progs(&na, &a1.host_veth, TcAttachType::Egress),
@@ -584,18 +617,57 @@ fn strict_drops_plain_syns_and_admits_the_proxy() {
         })
         .unwrap();
     }
-    // The node found the STRICT pod's veth by its addresses (the node has talked to it, so it
-    // has neighbour entries); a remote pod's address resolves to the uplink.
-    for ip in [IpAddr::from(a1.ipv4), IpAddr::from(a1.ipv6)] {
-        let found = in_netns(&na.netns, || netlink::host_interface_of(ip)).unwrap();
-        assert_eq!(
-            found.as_deref(),
-            Some(a1.host_veth.as_str()),
-            "host interface of {ip}"
-        );
-    }
-    let found = in_netns(&na.netns, || netlink::host_interface_of(b1.ipv4.into())).unwrap();
-    assert_eq!(found.as_deref(), Some(na.uplink.as_str()));
+    // The STRICT pod's veth, found from inside the pod through a process of its cgroup, IPv4
+    // and IPv6; a pod without a process cannot be looked into; a process in the node's own
+    // namespace has no veth of its own.
+    let _sandbox = cluster
+        .spawn_in_pod(&a1, sleeper())
+        .expect("a process in the pod's cgroup");
+    let host_veth = in_netns(&na.netns, || ifindex(&a1.host_veth));
+    let lookups = BTreeMap::from([
+        (
+            "v4",
+            pod_veth::Pod {
+                cgroup: a1.cgroup.clone(),
+                ip: a1.ipv4.into(),
+            },
+        ),
+        (
+            "v6",
+            pod_veth::Pod {
+                cgroup: a1.cgroup.clone(),
+                ip: a1.ipv6.into(),
+            },
+        ),
+        (
+            "empty",
+            pod_veth::Pod {
+                cgroup: a2.cgroup.clone(),
+                ip: a2.ipv4.into(),
+            },
+        ),
+        (
+            "node",
+            pod_veth::Pod {
+                cgroup: na.agent_cgroup.clone(),
+                ip: na.ipv4.into(),
+            },
+        ),
+    ]);
+    let _on_node = cluster
+        .spawn_on_node(&na, sleeper())
+        .expect("a process on the node");
+    let found = in_netns(&na.netns, || pod_veth::host_veths(&lookups));
+    assert_eq!(found["v4"].as_ref().ok(), Some(&host_veth), "{found:?}");
+    assert_eq!(found["v6"].as_ref().ok(), Some(&host_veth), "{found:?}");
+    assert!(
+        matches!(found["empty"], Err(pod_veth::VethError::NoProcess(_))),
+        "{found:?}"
+    );
+    assert!(
+        matches!(found["node"], Err(pod_veth::VethError::NodeNamespace)),
+        "{found:?}"
+    );
 
     // Another mark bit is not the proxy's.
     let err = exchange(
@@ -617,11 +689,20 @@ fn strict_drops_plain_syns_and_admits_the_proxy() {
     exchange(&b1.netns, sock(a2.ipv6, APP), None, OK_WITHIN).expect("remote pod → PERMISSIVE pod (IPv6)");
     assert_eq!(s2.accepts().len(), 3);
 
+    // A STRICT pod not found keeps its link: by its last interface, or all links when that is
+    // unknown.
+    for keep in [Keep::Only(BTreeSet::from([host_veth])), Keep::All] {
+        let diff = agent.set_strict_keeping(&[], &keep);
+        assert_eq!(names(&diff.kept), vec![a1.host_veth.clone()], "{keep:?}");
+        assert!(diff.detached.is_empty(), "{keep:?}: {diff:?}");
+    }
+    let err = exchange(&b1.netns, sock(a1.ipv4, APP), None, REFUSED_WITHIN).expect_err("still STRICT");
+    assert_eq!(err.kind(), io::ErrorKind::TimedOut);
+
     // Back to PERMISSIVE: the link goes, plain connections get in.
-    let diff = agent.set_strict(&[(&a1, Mode::Permissive), (&a2, Mode::Permissive)]);
-    assert_eq!(diff.attached, Vec::<String>::new());
-    assert_eq!(diff.detached.len(), 1);
-    assert_eq!(diff.detached[0].name.as_deref(), Some(a1.host_veth.as_str()));
+    let diff = agent.set_strict(&[]);
+    assert!(diff.attached.is_empty());
+    assert_eq!(names(&diff.detached), vec![a1.host_veth.clone()]);
     assert_eq!(
         tcx_progs(&na, &a1.host_veth, TcAttachType::Egress),
         Vec::<String>::new()
@@ -640,7 +721,7 @@ fn idempotent_restart_reuses_links_uninstall_removes_everything() {
     let s1 = EchoServer::start(&a1, &[APP]);
 
     let mut agent = Agent::start(&na);
-    let modes = [(&a1, Mode::Strict), (&a2, Mode::Permissive)];
+    let modes = [&a1];
     for round in 0..2 {
         let routing = agent.ensure_routing();
         let inbound = agent.set_inbound(&na.uplink, &[&a1, &a2]);
@@ -792,7 +873,7 @@ fn a_replaced_set_carries_tc_links_marks_and_addresses() {
     let mut agent = Agent::start(&na);
     agent.dp().set_marks(marks).unwrap();
     agent.set_inbound(&na.uplink, &[&a1]);
-    agent.set_strict(&[(&a1, Mode::Strict)]);
+    agent.set_strict(&[&a1]);
     let abi = agent.dp.as_ref().unwrap().abi().to_string();
     let old_links = agent.dp.as_ref().unwrap().tc_links().unwrap();
     agent.dp = None;
@@ -847,15 +928,16 @@ fn errors_name_the_interface_and_the_missing_marks() {
     let dp = agent.dp();
     let err = in_netns(&netns, || dp.set_inbound("nosuch0", &BTreeMap::new())).unwrap_err();
     assert!(err.to_string().contains("nosuch0"), "{err}");
+    let gone = 99_999;
     let diff = in_netns(&netns, || {
-        dp.set_strict(&BTreeMap::from([
-            ("vgone".to_string(), Mode::Strict),
-            (a1.host_veth.clone(), Mode::Strict),
-        ]))
+        dp.set_strict(
+            &BTreeSet::from([gone, ifindex(&a1.host_veth)]),
+            &Keep::Only(BTreeSet::new()),
+        )
     })
     .unwrap();
-    assert_eq!(diff.attached, vec![a1.host_veth.clone()]);
-    assert_eq!(diff.unresolved.keys().collect::<Vec<_>>(), vec!["vgone"]);
+    assert_eq!(names(&diff.attached), vec![a1.host_veth.clone()]);
+    assert_eq!(diff.unresolved.keys().collect::<Vec<_>>(), vec![&gone]);
     let err = dp
         .set_marks(Marks {
             capture: 0x3000,
@@ -885,4 +967,127 @@ fn errors_name_the_interface_and_the_missing_marks() {
     let err = in_netns(&netns, || dp.set_inbound("eth0", &BTreeMap::new())).unwrap_err();
     assert!(matches!(err, ebpf::EbpfError::MarksNotSet), "{err}");
     agent.dp = Some(dp);
+}
+
+// ---------------------------------------------------------------------------------------------
+// STRICT fails closed.
+
+/// Sends `syn` from `attacker`'s eth0 and reports whether the destination pod's TCP stack
+/// answered it (a SYN-ACK back on the attacker's link).
+fn syn_answered(attacker: &Pod, syn: &frames::Syn) -> bool {
+    let raw = frames::RawSocket::open(&attacker.netns, &attacker.ifname).expect("AF_PACKET socket");
+    raw.send(&syn.frame()).expect("send the SYN");
+    raw.recv_matching(REFUSED_WITHIN, |f| syn.is_answered_by(f))
+        .expect("sniff")
+        .is_some()
+}
+
+/// A co-located pod hand-crafts SYNs to a STRICT pod behind 802.1Q/802.1ad tags with VLAN id 0,
+/// which the pod's kernel strips and accepts. Before STRICT the pod answers each of them (so
+/// the frames are ones a pod takes); with STRICT none is answered and the drops are counted.
+#[test]
+fn strict_drops_vlan_tagged_syns() {
+    let cluster = Cluster::new("strict_vlan").unwrap();
+    let na = cluster.add_node("a").unwrap();
+    let s = cluster.add_pod("a", "s").unwrap();
+    let m = cluster.add_pod("a", "m").unwrap();
+    let _server = EchoServer::start(&s, &[APP]);
+    let (s_mac, m_mac) = (
+        frames::mac_of(&s.netns, &s.ifname).unwrap(),
+        frames::mac_of(&m.netns, &m.ifname).unwrap(),
+    );
+    let variants: [(&str, Vec<(u16, u16)>); 4] = [
+        ("untagged", vec![]),
+        ("802.1Q", vec![(frames::ETH_P_8021Q, 0)]),
+        (
+            "802.1Q in 802.1Q",
+            vec![(frames::ETH_P_8021Q, 0), (frames::ETH_P_8021Q, 0)],
+        ),
+        (
+            "802.1Q in 802.1ad",
+            vec![(frames::ETH_P_8021AD, 0), (frames::ETH_P_8021Q, 0)],
+        ),
+    ];
+    let syn = |i: usize, tags: &[(u16, u16)]| frames::Syn {
+        dst_mac: s_mac,
+        src_mac: m_mac,
+        tags: tags.to_vec(),
+        src: m.ipv4,
+        dst: s.ipv4,
+        src_port: 41000 + i as u16,
+        dst_port: APP,
+    };
+    for (i, (what, tags)) in variants.iter().enumerate() {
+        assert!(
+            syn_answered(&m, &syn(i, tags)),
+            "{what}: without STRICT the pod answers the crafted SYN"
+        );
+    }
+
+    let mut agent = Agent::start(&na);
+    agent.set_strict(&[&s]);
+    for (i, (what, tags)) in variants.iter().enumerate() {
+        let dropped_before = agent.counter("strict_dropped");
+        assert!(
+            !syn_answered(&m, &syn(10 + i, tags)),
+            "{what}: a crafted SYN reached the STRICT pod"
+        );
+        assert!(
+            agent.counter("strict_dropped") > dropped_before,
+            "{what}: the drop was counted"
+        );
+    }
+    // ARP still passes (the pod stays reachable): the node resolves the pod and talks to it.
+    proxy_exchange(&na, sock(s.ipv4, APP), Marks::default().proxy).expect("the proxy reaches the STRICT pod");
+}
+
+/// With its configuration gone from `mesh_tc_config` (a map cleared, a set half-made), the
+/// STRICT program drops every SYN, the proxy's included, instead of letting them all in; what
+/// a pod needs to live (ARP, established flows) still passes.
+#[test]
+fn strict_without_config_drops() {
+    let cluster = Cluster::new("strict_noconf").unwrap();
+    let na = cluster.add_node("a").unwrap();
+    let s = cluster.add_pod("a", "s").unwrap();
+    let c = cluster.add_pod("a", "c").unwrap();
+    let server = EchoServer::start(&s, &[APP]);
+    let mut agent = Agent::start(&na);
+    agent.set_strict(&[&s]);
+    let established = in_netns(&na.netns, || {
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP)).unwrap();
+        socket.set_mark(Marks::default().proxy).unwrap();
+        socket
+            .connect_timeout(&sock(s.ipv4, APP).into(), OK_WITHIN)
+            .expect("the proxy's connection before the config is cleared");
+        TcpStream::from(socket)
+    });
+
+    let pin = agent
+        .dp
+        .as_ref()
+        .unwrap()
+        .pin_path()
+        .join(mesh_common::MAP_TC_CONFIG);
+    let out = Command::new("bpftool")
+        .args(["map", "update", "pinned"])
+        .arg(&pin)
+        .args(["key", "0", "0", "0", "0", "value"])
+        .args(["0"; 16])
+        .output()
+        .expect("bpftool");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let unconfigured_before = agent.counter("tc_no_config");
+    for (from, mark) in [(&c.netns, None), (&na.netns, Some(Marks::default().proxy))] {
+        let err = exchange(from, sock(s.ipv4, APP), mark, REFUSED_WITHIN)
+            .expect_err("a SYN into an unconfigured STRICT pod");
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{from}: {err}");
+    }
+    assert!(agent.counter("tc_no_config") > unconfigured_before);
+    assert_eq!(
+        server.accepted_on(APP).len(),
+        1,
+        "only the connection made before"
+    );
+    exchange_on(established).expect("an established connection keeps working");
 }

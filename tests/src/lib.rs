@@ -25,6 +25,7 @@ pub mod agent;
 pub mod app;
 mod cluster;
 pub mod controller;
+pub mod frames;
 pub mod load;
 mod proc;
 pub mod prometheus;

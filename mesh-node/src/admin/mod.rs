@@ -10,7 +10,7 @@ mod state;
 
 use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use http_body_util::Full;
@@ -43,7 +43,8 @@ pub struct Admin {
     pub readiness: Readiness,
     pub certs: CertStore,
     pub connections: Connections,
-    pub datapath: Arc<Mutex<Datapath>>,
+    /// A reader's own handle ([`Datapath::reopen`]): the API never waits for the reconcile.
+    pub datapath: Arc<Datapath>,
     pub kernel: watch::Receiver<Arc<Report>>,
     pub log: LogControl,
 }
@@ -120,16 +121,13 @@ fn route(admin: &Admin, req: &Request) -> Response<Full<Bytes>> {
         (&Method::GET, paths::POLICIES) => json(StatusCode::OK, &state::policies(&admin.config.state())),
         (&Method::GET, paths::CERTS) => json(StatusCode::OK, &certs::list(&admin.certs)),
         (&Method::GET, paths::CONNECTIONS) => json(StatusCode::OK, &connections::list(&admin.connections)),
-        (&Method::GET, paths::BPF) => {
-            let dp = admin.datapath.lock().unwrap_or_else(|p| p.into_inner());
-            match bpf::info(&dp) {
-                Ok(info) => json(StatusCode::OK, &info),
-                Err(e) => error(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("reading the pinned set: {e}"),
-                ),
-            }
-        }
+        (&Method::GET, paths::BPF) => match bpf::info(&admin.datapath) {
+            Ok(info) => json(StatusCode::OK, &info),
+            Err(e) => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("reading the pinned set: {e}"),
+            ),
+        },
         (&Method::GET, paths::LOG_LEVEL) => json(
             StatusCode::OK,
             &LogLevel {

@@ -16,9 +16,9 @@
 //!
 //! Inbound capture and STRICT enforcement are tc programs on interfaces of the node's network
 //! namespace, attached as TCX links: [`Datapath::set_inbound`] (ingress of the uplink) and
-//! [`Datapath::set_strict`] (egress of STRICT pods' host-side veths) reconcile their link pins
-//! against a desired state, like `set_enrolled` does for the map. `start` never removes those
-//! pins (a restart keeps them attached, untouched); a replacement set attaches its own tc
+//! [`Datapath::set_strict`] (egress of STRICT pods' host-side veths, failing closed) reconcile
+//! their link pins against a desired state, like `set_enrolled` does for the map. `start` never
+//! removes those pins (a restart keeps them attached, untouched); a replacement set attaches its own tc
 //! programs to the same interfaces, with the old set's marks and pod addresses, before the old
 //! set is removed. The tc programs read their marks from `mesh_tc_config` ([`Marks`],
 //! [`Datapath::set_marks`]); the policy routing that completes inbound capture is in
@@ -159,6 +159,27 @@ pub enum Mode {
     Strict,
 }
 
+/// Which STRICT links [`Datapath::set_strict`] leaves in place although their interface is not
+/// among the ones it was given: the last known interfaces of STRICT pods whose interface could
+/// not be found this time. Enforcement fails closed: a link goes only when its pod is known to
+/// be elsewhere, no longer STRICT, or gone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Keep {
+    /// The links on these interfaces.
+    Only(BTreeSet<u32>),
+    /// Every link: a STRICT pod was not found and where it was is unknown (after a restart).
+    All,
+}
+
+impl Keep {
+    fn contains(&self, ifindex: u32) -> bool {
+        match self {
+            Keep::Only(set) => set.contains(&ifindex),
+            Keep::All => true,
+        }
+    }
+}
+
 /// An interface by index, with its name when it still exists.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Iface {
@@ -182,13 +203,15 @@ pub struct InboundDiff {
 /// What `set_strict` changed.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct StrictDiff {
-    /// Interfaces whose egress link was attached now (ascending by name).
-    pub attached: Vec<String>,
+    /// Interfaces whose egress link was attached now (ascending by index).
+    pub attached: Vec<Iface>,
     /// Interfaces whose link was detached (no longer STRICT, or gone).
     pub detached: Vec<Iface>,
-    /// STRICT interfaces that do not exist (yet) in this network namespace → why. Retried on
-    /// the next call; not an error, like an enrolled pod whose cgroup is not there yet.
-    pub unresolved: BTreeMap<String, String>,
+    /// Interfaces not asked for whose live link stays ([`Keep`]).
+    pub kept: Vec<Iface>,
+    /// Interfaces asked for that do not exist in this network namespace → why. Retried on the
+    /// next call; not an error, like an enrolled pod whose cgroup is not there yet.
+    pub unresolved: BTreeMap<u32, String>,
 }
 
 /// Which tc program a TCX link runs.
@@ -351,6 +374,26 @@ impl Datapath {
         })
     }
 
+    /// A second handle on the same pinned set, with map handles of its own, for readers (the
+    /// metrics scrape, the admin API): they never wait for the reconcile loop, which owns the
+    /// first handle and holds it for a whole round.
+    pub fn reopen(&self) -> Result<Datapath, EbpfError> {
+        let mut set = PinnedSet::open(&self.dir).map_err(|err| EbpfError::Aya {
+            action: format!("re-opening the pinned set {}", self.dir.display()),
+            err,
+        })?;
+        Ok(Datapath {
+            dir: self.dir.clone(),
+            abi: self.abi.clone(),
+            reused: self.reused,
+            links_attached: self.links_attached,
+            tc_links_carried: self.tc_links_carried,
+            maps: maps::Maps::new(std::mem::take(&mut set.maps))?,
+            tc_prog_ids: self.tc_prog_ids,
+            marks: self.marks,
+        })
+    }
+
     /// Make mesh_enrolled equal `desired` (cgroup ids); returns what changed.
     pub fn set_enrolled(&mut self, desired: &BTreeSet<u64>) -> Result<EnrollDiff, EbpfError> {
         let diff = self.maps.set_enrolled(desired)?;
@@ -509,40 +552,42 @@ impl Datapath {
         Ok(self.maps.local_ips()?.into_keys().collect())
     }
 
-    /// STRICT enforcement: the egress program is attached to exactly the host-side veths (names
-    /// in this thread's network namespace) whose mode is [`Mode::Strict`]; PERMISSIVE and
-    /// unlisted interfaces have none. Valid links are re-used, so calling this again (or after
-    /// a restart) attaches nothing twice. Interfaces that do not exist are reported in
-    /// `unresolved`, not failed. Needs [`Datapath::set_marks`] first.
-    pub fn set_strict(&mut self, veths: &BTreeMap<String, Mode>) -> Result<StrictDiff, EbpfError> {
+    /// STRICT enforcement: the egress program is attached to the host-side veths `veths`
+    /// (interface indexes in this thread's network namespace). A link on another interface is
+    /// detached unless `keep` holds it and it is still live; a link whose interface is gone is
+    /// always removed. Valid links are re-used, so calling this again (or after a restart)
+    /// attaches nothing twice. Interfaces that do not exist are reported in `unresolved`, not
+    /// failed. Needs [`Datapath::set_marks`] first.
+    pub fn set_strict(&mut self, veths: &BTreeSet<u32>, keep: &Keep) -> Result<StrictDiff, EbpfError> {
         if self.marks.is_none() {
             return Err(EbpfError::MarksNotSet);
         }
         let _lock = self.lock()?;
         let mut diff = StrictDiff::default();
-        let mut want = BTreeSet::new();
-        for (name, mode) in veths {
-            if *mode != Mode::Strict {
-                continue;
-            }
-            match sys::if_nametoindex(name) {
-                Ok(ifindex) => {
-                    want.insert(ifindex);
+        for &ifindex in veths {
+            match sys::if_indextoname(ifindex) {
+                Ok(_) => {
                     if self.ensure_tc_link(Prog::TcStrict, ifindex)? {
-                        diff.attached.push(name.clone());
+                        diff.attached.push(iface(ifindex));
                     }
                 }
                 Err(e) => {
                     diff.unresolved
-                        .insert(name.clone(), format!("interface not found: {e}"));
+                        .insert(ifindex, format!("interface not found: {e}"));
                 }
             }
         }
         for pin in pins::tc_pins(&self.dir)? {
-            if pin.prog == Prog::TcStrict && !want.contains(&pin.ifindex) {
-                pins::remove_pin(&pin.path)?;
-                diff.detached.push(iface(pin.ifindex));
+            if pin.prog != Prog::TcStrict || veths.contains(&pin.ifindex) {
+                continue;
             }
+            let live = pins::tc_link_alive(&pin.path).is_some_and(|info| info.ifindex == pin.ifindex);
+            if live && keep.contains(pin.ifindex) {
+                diff.kept.push(iface(pin.ifindex));
+                continue;
+            }
+            pins::remove_pin(&pin.path)?;
+            diff.detached.push(iface(pin.ifindex));
         }
         if !diff.attached.is_empty() || !diff.detached.is_empty() {
             info!(attached = ?diff.attached, detached = ?diff.detached, "STRICT enforcement updated");

@@ -13,8 +13,8 @@ use hyper::body::Bytes;
 use hyper::{Method, Response, StatusCode};
 use prometheus::core::Collector;
 use prometheus::{
-    Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
-    TextEncoder,
+    Encoder, Gauge, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 use crate::httpd::{self, Request, Router};
@@ -61,6 +61,12 @@ pub struct Metrics {
     pub bpf_events: IntCounterVec,
     /// Connections a listener closed at once, by listener and reason (over a cap, not local).
     pub listener_refused: IntCounterVec,
+    /// Reconcile rounds done, and how long the last one took.
+    pub reconcile_rounds: IntCounter,
+    pub reconcile_duration: Gauge,
+    /// STRICT pods whose host-side interface the last round could not find (their last
+    /// attachment is kept).
+    pub strict_unresolved: IntGauge,
 }
 
 impl Metrics {
@@ -163,6 +169,27 @@ impl Metrics {
                 "listener_refused_total",
                 "Connections a listener closed as soon as it accepted them, by listener and reason.",
                 &["listener", "reason"],
+            )?,
+            reconcile_rounds: add(
+                &registry,
+                IntCounter::new(
+                    "reconcile_rounds_total",
+                    "Rounds of the kernel-state reconcile loop.",
+                )?,
+            )?,
+            reconcile_duration: add(
+                &registry,
+                Gauge::new(
+                    "reconcile_last_duration_seconds",
+                    "How long the last reconcile round took.",
+                )?,
+            )?,
+            strict_unresolved: add(
+                &registry,
+                IntGauge::new(
+                    "strict_unresolved_pods",
+                    "STRICT pods whose host-side interface was not found in the last round; their last attachment is kept.",
+                )?,
             )?,
             registry,
             process,
