@@ -19,7 +19,7 @@ use mesh_node::control::{self, ControlClient, NodeState};
 use mesh_node::identity::{self, CaSigner, CertStore, IdentityManager};
 use mesh_node::logging::{self, LogControl};
 use mesh_node::metrics::{self, Metrics};
-use mesh_node::proxy::hbone::{Pool, PoolConfig};
+use mesh_node::proxy::hbone::{Dialer, Pool, PoolConfig};
 use mesh_node::proxy::mesh::Mesh;
 use mesh_node::proxy::{inbound, outbound};
 use mesh_node::{admin, ebpf, enrollment, health, httpd, memory, netlink, proxy, tls};
@@ -216,7 +216,16 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
         stop.clone(),
     )));
     let tls = tls::ConfigCache::new(tls::roots_from_der(&roots_der)?, cfg.trust_domain.clone());
-    let pool = Pool::new(PoolConfig::default());
+    // HBONE dials carry the proxy mark like every other connection the proxy makes, and are
+    // bounded by --connect-timeout.
+    let mark = cfg.capture.marks.proxy;
+    let dialer: Dialer = Arc::new(move |addr| Box::pin(proxy::upstream::connect_marked(addr, mark)));
+    let pool_config = PoolConfig {
+        connect_timeout: cfg.connect_timeout,
+        idle_timeout: cfg.hbone_idle_timeout,
+        ..PoolConfig::default()
+    };
+    let pool = Pool::with_dialer(pool_config, dialer);
     let observed = pool.clone();
     metrics.on_scrape(move |m| {
         let s = observed.stats();
@@ -232,6 +241,7 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
         cfg.connect_timeout,
         connections,
     ));
+    tasks.push(tokio::spawn(mesh.clone().maintain(stop.clone())));
     let (out_cfg, out_mesh) = (cfg.clone(), mesh.clone());
     tasks.push(tokio::spawn(proxy::serve(
         "outbound",

@@ -45,7 +45,10 @@ pub async fn handle(mesh: Arc<Mesh>, conn: TcpStream, peer: SocketAddr, stop: Ca
                 return debug!(error = %e, "building the server TLS config failed");
             }
         };
-        let handler = Arc::new(Inbound { mesh: mesh.clone() });
+        let handler = Arc::new(Inbound {
+            mesh: mesh.clone(),
+            peer,
+        });
         if let Err(e) = hbone::serve_tls(conn, tls, handler, &ServerSettings::default(), stop).await {
             rejected(e.reason());
             debug!(reason = e.reason(), error = %e, "HBONE connection ended with an error");
@@ -57,11 +60,14 @@ pub async fn handle(mesh: Arc<Mesh>, conn: TcpStream, peer: SocketAddr, stop: Ca
 
 struct Inbound {
     mesh: Arc<Mesh>,
+    /// The TCP peer of the HBONE connection (the source's node proxy).
+    peer: SocketAddr,
 }
 
 impl Inbound {
-    /// The record of a tunnelled connection: the source as its certificate and forwarded
-    /// address name it, the destination the local pod.
+    /// The record of a tunnelled connection: the source as the TCP peer and its certificate
+    /// name it (the peer's `forwarded` address, its own claim, only picks which workload of
+    /// that identity, and is recorded apart), the destination the local pod.
     fn meta(&self, req: &Request) -> ConnMeta {
         let state = self.mesh.config.state();
         let source = req
@@ -74,7 +80,8 @@ impl Inbound {
         ConnMeta {
             direction: Direction::Inbound,
             route: "hbone",
-            src_addr: req.forwarded_for.unwrap_or(req.local_addr),
+            src_addr: self.peer,
+            forwarded_for: req.forwarded_for,
             dst_addr: req.dst,
             source,
             destination,

@@ -5,6 +5,7 @@ mod copy;
 pub mod hbone;
 pub mod inbound;
 pub mod listener;
+pub mod local_addrs;
 pub mod mesh;
 pub mod orig_dst;
 pub mod outbound;
