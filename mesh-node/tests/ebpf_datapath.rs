@@ -222,13 +222,12 @@ fn counters(dp: &Datapath) -> BTreeMap<&'static str, u64> {
     dp.counters().expect("counters").into_iter().collect()
 }
 
-fn abi_dirs(pin_dir: &Path) -> Vec<String> {
-    let mut names: Vec<String> = fs::read_dir(pin_dir)
+/// The entries of the pin dir (a set: the ABI dir's name is a hash, which sorts anywhere).
+fn abi_dirs(pin_dir: &Path) -> BTreeSet<String> {
+    fs::read_dir(pin_dir)
         .expect("pin dir")
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    names.sort();
-    names
+        .collect()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -248,7 +247,7 @@ fn start_attaches_once_restart_reuses_uninstall_detaches() {
     assert_eq!(dp.pin_path(), env.pin_dir.join(dp.abi()));
     assert_eq!(
         abi_dirs(&env.pin_dir),
-        vec![dp.abi().to_string(), "current".to_string()]
+        BTreeSet::from([dp.abi().to_string(), "current".to_string()])
     );
     assert_eq!(
         fs::read_link(env.pin_dir.join("current")).unwrap(),
@@ -354,7 +353,7 @@ fn stale_and_partial_sets_are_replaced() {
     assert!(!dp.reused_pins());
     assert_eq!(
         abi_dirs(&env.pin_dir),
-        vec![abi.clone(), "current".to_string()],
+        BTreeSet::from([abi.clone(), "current".to_string()]),
         "stale pins removed"
     );
     // The old links are detached: exactly one of each program.
@@ -371,7 +370,10 @@ fn stale_and_partial_sets_are_replaced() {
     let dp = Datapath::start(&cfg).expect("start over a partial set");
     assert!(!dp.reused_pins(), "a partial set is rebuilt");
     assert_eq!(dp.links_attached(), 4);
-    assert_eq!(abi_dirs(&env.pin_dir), vec![abi.clone(), "current".to_string()]);
+    assert_eq!(
+        abi_dirs(&env.pin_dir),
+        BTreeSet::from([abi.clone(), "current".to_string()])
+    );
     expect_standard_attachments(&env, "proxy");
     assert_eq!(dp.enrolled().unwrap(), BTreeSet::from([7, 8]));
     drop(dp);
