@@ -119,10 +119,11 @@ impl Mesh {
                 }
                 _ = refresh.tick() => {
                     let mesh = self.clone();
-                    match tokio::task::spawn_blocking(move || mesh.local_addrs.refresh()).await {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => warn!(error = %e, "reading the node's addresses failed"),
-                        Err(e) => warn!(error = %e, "reading the node's addresses failed"),
+                    let read = tokio::task::spawn_blocking(move || mesh.local_addrs.refresh())
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                    if let Err(e) = read {
+                        warn!(error = %e, "reading the node's addresses failed");
                     }
                 }
             }
@@ -149,5 +150,87 @@ impl Mesh {
                 .inc();
         }
         decision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+    use std::time::SystemTime;
+
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    use zeroize::Zeroizing;
+
+    use super::*;
+    use crate::connections::AccessLog;
+    use crate::control::{parse_target, ControlClient, ControllerEndpoint};
+    use crate::identity::{Svid as Cert, VerifiedChain};
+    use crate::proxy::hbone::PoolConfig;
+    use crate::tls::CertificateDer;
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    /// A certificate of `WEB` as the identity manager stores it.
+    fn cert() -> Arc<Cert> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(WEB.try_into().unwrap())];
+        let leaf = params.self_signed(&key).unwrap();
+        let der: CertificateDer<'static> = leaf.der().clone();
+        let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        let serial = x509.raw_serial_as_string();
+        let now = SystemTime::now();
+        let verified = VerifiedChain {
+            chain: vec![der.clone()],
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+            serial,
+        };
+        let id = Identity::from_str(WEB).unwrap();
+        let key = Zeroizing::new(key.serialize_der());
+        Arc::new(Cert::new(id, verified, key, vec![der].into(), now))
+    }
+
+    fn mesh(certs: CertStore, roots: &Cert) -> Mesh {
+        let target = parse_target("unix:/nonexistent").unwrap();
+        let endpoint = ControllerEndpoint::new(target, "ca".into(), "token".into(), "node");
+        let (_, config) = ControlClient::new(endpoint);
+        let tls = tls::ConfigCache::new(tls::roots_from_der(roots.chain()).unwrap(), "cluster.local");
+        let connections = Connections::new(Arc::new(Metrics::new().unwrap()), AccessLog::new(0.0));
+        let pool = Pool::new(PoolConfig::default());
+        Mesh::new(config, certs, tls, pool, 0, Duration::from_secs(1), connections)
+    }
+
+    fn key_builds(mesh: &Mesh) -> u64 {
+        mesh.metrics().tls_builds.with_label_values(&["key"]).get()
+    }
+
+    #[test]
+    fn a_key_is_parsed_once_per_certificate_and_forgotten_when_the_identity_leaves() {
+        let certs = CertStore::new();
+        let web = cert();
+        certs.insert(web.clone());
+        let mesh = mesh(certs.clone(), &web);
+        let id = web.identity().clone();
+        let first = mesh.svid(&id).unwrap();
+        let second = mesh.svid(&id).unwrap();
+        assert_eq!(first.serial(), web.serial());
+        assert_eq!(second.serial(), web.serial());
+        assert_eq!(key_builds(&mesh), 1, "one parse for two connections");
+
+        // The identity leaves the node: the cache lets go of its key.
+        certs.remove(&id);
+        mesh.forget_departed_certificates();
+        assert!(mesh.svid(&id).is_none());
+        certs.insert(web.clone());
+        mesh.svid(&id).unwrap();
+        assert_eq!(key_builds(&mesh), 2, "parsed again: the cache had forgotten it");
+
+        // A renewed certificate is parsed anew.
+        let renewed = cert();
+        certs.insert(renewed.clone());
+        mesh.forget_departed_certificates();
+        assert_eq!(mesh.svid(&id).unwrap().serial(), renewed.serial());
+        assert_eq!(key_builds(&mesh), 3);
     }
 }

@@ -39,14 +39,16 @@ pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: 
             }
         };
         let ports = own_ports(&cfg);
-        let refuse = |to: SocketAddr| {
-            let why = self_target(to, |ip| mesh.local_addrs.contains(ip), &ports)?;
-            debug!(%dst, to = %to, reason = why.as_str(), "the destination is this node or proxy; refusing");
-            mesh.metrics().outbound.with_label_values(&["self"]).inc();
-            reset(&client);
-            Some(())
+        let refused = |to: SocketAddr| match self_target(to, |ip| mesh.local_addrs.contains(ip), &ports) {
+            None => false,
+            Some(why) => {
+                debug!(%dst, to = %to, reason = why.as_str(), "the destination is this node or proxy; refusing");
+                mesh.metrics().outbound.with_label_values(&["self"]).inc();
+                reset(&client);
+                true
+            }
         };
-        if refuse(dst).is_some() {
+        if refused(dst) {
             return;
         }
         debug!(%dst, "captured");
@@ -58,7 +60,7 @@ pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: 
             Route::Passthrough { dst, .. } | Route::Hbone { dst, .. } => Some(*dst),
             Route::NoEndpoint { .. } => None,
         };
-        if upstream.and_then(refuse).is_some() {
+        if upstream.is_some_and(refused) {
             return;
         }
         let label = match &route {
