@@ -1,6 +1,10 @@
 //! `cgroup/getsockopt` at the proxy's cgroup: answer `SO_ORIGINAL_DST` (`SOL_IP`, 80) with a
 //! `sockaddr_in` and `IP6T_SO_ORIGINAL_DST` (`SOL_IPV6`, 80) with a `sockaddr_in6` for a
-//! captured connection. Anything else, or a miss, keeps the kernel's own answer.
+//! captured connection, from our tuple map only. A socket the map does not know was not
+//! redirected by us, and its `SO_ORIGINAL_DST` fails with `ENOENT`: with conntrack active in the
+//! node's netns the kernel's own answer would be the connection's own destination (a direct
+//! connection to the proxy's port), which the proxy would then dial, itself. Other options keep
+//! the kernel's answer.
 //!
 //! The kernel picks cgroup sockopt programs by the cgroup of the *socket* (not of the caller),
 //! and an accepted socket inherits its listener's: this runs for connections accepted on
@@ -30,32 +34,53 @@ const SOL_IPV6: i32 = 41;
 const SOCKADDR_IN_LEN: usize = 16;
 const SOCKADDR_IN6_LEN: usize = 28;
 
+/// `ENOENT`, as the kernel's own `SO_ORIGINAL_DST` fails for a connection it does not track.
+const ENOENT: i32 = 2;
+
+/// What became of one getsockopt call.
+enum Outcome {
+    /// Not `SO_ORIGINAL_DST`: the kernel's answer stands.
+    Other,
+    /// `SO_ORIGINAL_DST`, answered from the map.
+    Answered,
+    /// `SO_ORIGINAL_DST` for a socket we did not redirect (or that we cannot answer): it fails.
+    Refused,
+}
+
 #[cgroup_sockopt(getsockopt)]
 pub fn mesh_getsockopt(ctx: SockoptContext) -> i32 {
-    unsafe { handle(ctx.sockopt) };
-    1
+    let so = ctx.sockopt;
+    match unsafe { handle(so) } {
+        Outcome::Other | Outcome::Answered => 1,
+        Outcome::Refused => {
+            // The error the caller sees; returning 0 makes the call fail even where a kernel
+            // ignored the write (EPERM then).
+            unsafe { wr(addr_of_mut!((*so).retval), -ENOENT) };
+            0
+        }
+    }
 }
 
 #[inline(always)]
-unsafe fn handle(so: *mut bpf_sockopt) {
+unsafe fn handle(so: *mut bpf_sockopt) -> Outcome {
     if unsafe { rd(addr_of_mut!((*so).optname)) } != SO_ORIGINAL_DST {
-        return;
+        return Outcome::Other;
     }
     let want_v6 = match unsafe { rd(addr_of_mut!((*so).level)) } {
         SOL_IP => false,
         SOL_IPV6 => true,
-        _ => return,
+        _ => return Outcome::Other,
     };
     let sk: *mut bpf_sock = unsafe { rd(addr_of_mut!((*so).__bindgen_anon_1.sk)) };
     if sk.is_null() {
-        return;
+        return Outcome::Refused;
     }
     let key = unsafe { reverse_tuple(sk) };
     let orig = match MESH_TUPLE_DST.get_ptr(key) {
         Some(p) => unsafe { *p },
         None => {
             count(Counter::GetsockoptMiss);
-            return;
+            return Outcome::Refused;
         }
     };
     let optval = unsafe { rd(addr_of_mut!((*so).__bindgen_anon_2.optval)) } as *mut u8;
@@ -64,11 +89,11 @@ unsafe fn handle(so: *mut bpf_sockopt) {
     if !want_v6 {
         if orig.family != AF_INET {
             count(Counter::GetsockoptFamilyMismatch);
-            return;
+            return Outcome::Refused;
         }
         if optval.wrapping_add(SOCKADDR_IN_LEN) > end {
             count(Counter::GetsockoptShortBuffer);
-            return;
+            return Outcome::Refused;
         }
         // struct sockaddr_in { u16 family; be16 port; be32 addr; u8 zero[8]; }
         unsafe {
@@ -83,7 +108,7 @@ unsafe fn handle(so: *mut bpf_sockopt) {
     } else {
         if optval.wrapping_add(SOCKADDR_IN6_LEN) > end {
             count(Counter::GetsockoptShortBuffer);
-            return;
+            return Outcome::Refused;
         }
         // struct sockaddr_in6 { u16 family; be16 port; u32 flowinfo; u8 addr[16]; u32 scope_id; }
         // An IPv4 original is already v4-mapped in `orig.addr`.
@@ -101,6 +126,7 @@ unsafe fn handle(so: *mut bpf_sockopt) {
         }
     }
     count(Counter::GetsockoptHit);
+    Outcome::Answered
 }
 
 /// The accepted socket sees (local = proxy, remote = client); the map is keyed the client's

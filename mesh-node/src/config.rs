@@ -132,9 +132,14 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_DRAIN_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub drain_timeout: Duration,
 
-    /// Timeout for the proxy's connect to the original destination.
+    /// Timeout for the proxy's connect to the original destination, and for setting up an
+    /// HBONE connection (TCP, mTLS and HTTP/2).
     #[arg(long, env = "MESH_CONNECT_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
     pub connect_timeout: Duration,
+
+    /// How long a pooled HBONE connection with no open stream is kept before it is closed.
+    #[arg(long, env = "MESH_HBONE_IDLE_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub hbone_idle_timeout: Duration,
 
     /// Log format.
     #[arg(long, env = "MESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
@@ -246,6 +251,7 @@ pub struct Config {
     pub reconcile_interval: Duration,
     pub drain_timeout: Duration,
     pub connect_timeout: Duration,
+    pub hbone_idle_timeout: Duration,
     /// Inbound capture and STRICT: uplink, marks, routing table and rule priority.
     pub capture: CaptureConfig,
     /// Caps and timeouts of the listeners and carried connections.
@@ -375,6 +381,7 @@ impl RunArgs {
             reconcile_interval: self.reconcile_interval,
             drain_timeout: self.drain_timeout,
             connect_timeout: self.connect_timeout,
+            hbone_idle_timeout: self.hbone_idle_timeout,
             capture: CaptureConfig {
                 uplink: self.uplink,
                 marks,

@@ -20,7 +20,7 @@ use mesh_node::identity::{self, CaSigner, CertStore, IdentityManager};
 use mesh_node::limits::Admission;
 use mesh_node::logging::{self, LogControl};
 use mesh_node::metrics::{self, Metrics};
-use mesh_node::proxy::hbone::{Pool, PoolConfig, ServerSettings};
+use mesh_node::proxy::hbone::{Dialer, Pool, PoolConfig, ServerSettings};
 use mesh_node::proxy::mesh::Mesh;
 use mesh_node::proxy::{inbound, inbound_plain, outbound};
 use mesh_node::{admin, ebpf, enrollment, health, httpd, memory, netlink, proxy, tls};
@@ -231,7 +231,17 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
         )
     }));
     let tls = tls::ConfigCache::new(tls::roots_from_der(&roots_der)?, cfg.trust_domain.clone());
-    let pool = Pool::new(PoolConfig::default());
+    // HBONE dials carry the proxy mark and keepalive like every other connection the proxy
+    // makes, and are bounded by --connect-timeout.
+    let (mark, keepalive) = (cfg.capture.marks.proxy, cfg.limits.carried.keepalive);
+    let dialer: Dialer =
+        Arc::new(move |addr| Box::pin(proxy::upstream::connect_marked(addr, mark, keepalive)));
+    let pool_config = PoolConfig {
+        connect_timeout: cfg.connect_timeout,
+        idle_timeout: cfg.hbone_idle_timeout,
+        ..PoolConfig::default()
+    };
+    let pool = Pool::with_dialer(pool_config, dialer);
     let observed = pool.clone();
     metrics.on_scrape(move |m| {
         let s = observed.stats();
@@ -250,6 +260,7 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
         )
         .with_carried(cfg.limits.carried),
     );
+    tasks.push(tokio::spawn(mesh.clone().maintain(stop.clone())));
     let (out_cfg, out_mesh) = (cfg.clone(), mesh.clone());
     let keepalive = cfg.limits.carried.keepalive;
     tasks.push(tokio::spawn(proxy::serve(

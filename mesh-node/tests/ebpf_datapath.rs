@@ -223,7 +223,7 @@ fn counters(dp: &Datapath) -> BTreeMap<&'static str, u64> {
     dp.counters().expect("counters").into_iter().collect()
 }
 
-/// The names under the pin dir (a set: an ABI id may sort either side of `current`).
+/// The entries of the pin dir (a set: the ABI dir's name is a hash, which sorts anywhere).
 fn abi_dirs(pin_dir: &Path) -> BTreeSet<String> {
     fs::read_dir(pin_dir)
         .expect("pin dir")

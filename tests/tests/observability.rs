@@ -306,14 +306,23 @@ fn the_admin_api_shows_live_connections_workloads_certificates_and_the_kernel() 
     cmd.args(["--pace-ms", "20", "--timeout-ms", "60000"]);
     let slow = w.cluster.spawn_in_pod(&w.client, cmd)?;
     let client_ip = w.client.ipv4.to_string();
+    // The source is the TCP peer: the client for its own node's proxy, node a's proxy for b's.
+    let node_a_ip = w.a.ipv4.to_string();
     let live = |agent: &Agent, node: &Node, direction: &str| -> Result<Value> {
+        let source_ip = if direction == "inbound" {
+            &node_a_ip
+        } else {
+            &client_ip
+        };
         let mut found = Value::Null;
         wait_until(WAIT, &format!("a live {direction} connection"), || {
             let list = meshctl(&w, agent, node, &["node", "connections", "-o", "json"])
                 .map_err(|e| format!("{e:#}"))?;
             let hit = list.as_array().into_iter().flatten().find(|c| {
                 c["direction"] == direction
-                    && c["source"].as_str().is_some_and(|s| s.starts_with(&client_ip))
+                    && c["source"]
+                        .as_str()
+                        .is_some_and(|s| s.starts_with(source_ip.as_str()))
                     && c["bytes_sent"].as_u64().is_some_and(|n| n > 0)
             });
             match hit {

@@ -54,6 +54,7 @@ fn write(
         direction = m.direction.as_str(),
         route = m.route,
         src.addr = %m.src_addr,
+        src.forwarded_for = m.forwarded_for.map(tracing::field::display),
         src.workload = %m.source.workload,
         src.namespace = %m.source.namespace,
         src.identity = %m.source.principal,

@@ -42,7 +42,11 @@ pub struct ConnMeta {
     pub direction: Direction,
     /// `hbone`, `local` or `passthrough`.
     pub route: &'static str,
+    /// The TCP peer the proxy accepted the connection from.
     pub src_addr: SocketAddr,
+    /// The original source the peer claims (the HBONE `forwarded` header): the peer's word,
+    /// kept apart from what the proxy saw itself.
+    pub forwarded_for: Option<SocketAddr>,
     pub dst_addr: SocketAddr,
     pub source: Peer,
     pub destination: Peer,
@@ -223,6 +227,7 @@ mod tests {
             direction: Direction::Outbound,
             route: "local",
             src_addr: "10.1.1.2:40000".parse().unwrap(),
+            forwarded_for: None,
             dst_addr: "10.1.1.3:80".parse().unwrap(),
             source: Peer::unknown(),
             destination: Peer::principal_only("spiffe://td/ns/a/sa/b"),

@@ -69,8 +69,8 @@ impl Svid {
         &self.chain[0]
     }
 
-    /// The private key, borrowed (PKCS#8). `clone_key()` it only where a library must own a
-    /// copy (rustls does), and prefer keeping that copy as long-lived as the `Svid`.
+    /// The private key, borrowed (PKCS#8). Parse it from the borrow (`tls::Svid::from_key`):
+    /// a `clone_key()` copy is not wiped when dropped.
     pub fn private_key(&self) -> PrivateKeyDer<'_> {
         PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(&self.key[..]))
     }

@@ -57,6 +57,8 @@ pub struct Metrics {
     pub cert_expiration: GaugeVec,
     pub pool_connections: IntGauge,
     pub pool_streams: IntGauge,
+    /// Parsed keys and TLS configs built rather than reused, by kind (key, client, server).
+    pub tls_builds: IntCounterVec,
     /// The eBPF programs' counters, copied from the kernel's map at scrape time.
     pub bpf_events: IntCounterVec,
     /// Connections a listener closed at once, by listener and reason (over a cap, not local).
@@ -159,6 +161,11 @@ impl Metrics {
             pool_streams: add(
                 &registry,
                 IntGauge::new("pool_streams", "Open streams over pooled HBONE connections.")?,
+            )?,
+            tls_builds: counter(
+                "tls_config_builds_total",
+                "Keys parsed and TLS configs built rather than reused from the cache, by kind.",
+                &["kind"],
             )?,
             bpf_events: counter(
                 "bpf_events_total",

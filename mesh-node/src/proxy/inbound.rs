@@ -63,7 +63,10 @@ pub async fn handle(
         let Ok(slot) = limits.handshakes.admit(Some(peer.ip())) else {
             return debug!("too many handshakes in progress; closing");
         };
-        let handler = Arc::new(Inbound { mesh: mesh.clone() });
+        let handler = Arc::new(Inbound {
+            mesh: mesh.clone(),
+            peer,
+        });
         if let Err(e) = hbone::serve_tls_holding(conn, tls, handler, &limits.server, stop, slot).await {
             rejected(e.reason());
             debug!(reason = e.reason(), error = %e, "HBONE connection ended with an error");
@@ -75,11 +78,14 @@ pub async fn handle(
 
 struct Inbound {
     mesh: Arc<Mesh>,
+    /// The TCP peer of the HBONE connection (the source's node proxy).
+    peer: SocketAddr,
 }
 
 impl Inbound {
-    /// The record of a tunnelled connection: the source as its certificate and forwarded
-    /// address name it, the destination the local pod.
+    /// The record of a tunnelled connection: the source as the TCP peer and its certificate
+    /// name it (the peer's `forwarded` address, its own claim, only picks which workload of
+    /// that identity, and is recorded apart), the destination the local pod.
     fn meta(&self, req: &Request) -> ConnMeta {
         let state = self.mesh.config.state();
         let source = req
@@ -92,7 +98,8 @@ impl Inbound {
         ConnMeta {
             direction: Direction::Inbound,
             route: "hbone",
-            src_addr: req.forwarded_for.unwrap_or(req.local_addr),
+            src_addr: self.peer,
+            forwarded_for: req.forwarded_for,
             dst_addr: req.dst,
             source,
             destination,

@@ -44,6 +44,7 @@ pub async fn handle(mesh: Arc<Mesh>, client: TcpStream, peer: SocketAddr) {
             direction: Direction::Inbound,
             route: ROUTE,
             src_addr: peer,
+            forwarded_for: None,
             dst_addr: dst,
             // Nothing authenticates a plaintext source: whatever its address says, it has no
             // identity here.

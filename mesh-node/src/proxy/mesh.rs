@@ -1,12 +1,17 @@
 //! What both directions of the proxy read: the node's config from the controller, its pods'
-//! certificates, the TLS configs built from them, the HBONE pool and the proxy's socket mark.
+//! certificates, the TLS configs built from them, the HBONE pool, the node's own addresses and
+//! the proxy's socket mark.
 use std::net::IpAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::{Identity, Workload};
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
 use super::hbone::Pool;
+use super::local_addrs::LocalAddrs;
 use crate::connections::Connections;
 use crate::control::{ControlHandle, NodeState};
 use crate::identity::CertStore;
@@ -25,10 +30,15 @@ pub struct Mesh {
     pub connect_timeout: Duration,
     /// The live connections and their telemetry.
     pub connections: Connections,
+    /// The node's own addresses, which no captured connection is carried to.
+    pub local_addrs: LocalAddrs,
     round_robin: AtomicUsize,
     /// Keepalive and idle timeout of every carried connection.
     pub carried: Carried,
 }
+
+/// How often the node's addresses are read again.
+const LOCAL_ADDRS_REFRESH: Duration = Duration::from_secs(5);
 
 impl Mesh {
     pub fn new(
@@ -40,8 +50,16 @@ impl Mesh {
         connect_timeout: Duration,
         connections: Connections,
     ) -> Self {
+        let (local_addrs, read) = LocalAddrs::new();
+        if let Err(e) = read {
+            warn!(error = %e, "reading the node's addresses failed; retrying");
+        }
         let observer = connections.metrics().clone();
         pool.observe_dials(Box::new(move |r| observer.handshake("client", r)));
+        let observer = connections.metrics().clone();
+        tls.observe_builds(Box::new(move |b| {
+            observer.tls_builds.with_label_values(&[b.as_str()]).inc()
+        }));
         Mesh {
             config,
             certs,
@@ -50,6 +68,7 @@ impl Mesh {
             proxy_mark,
             connect_timeout,
             connections,
+            local_addrs,
             round_robin: AtomicUsize::new(0),
             carried: Carried::default(),
         }
@@ -77,10 +96,56 @@ impl Mesh {
             .cloned()
     }
 
-    /// The certificate of a local identity as TLS material; `None` until it is issued.
+    /// The certificate of a local identity as TLS material; `None` until it is issued. Its key
+    /// is parsed once per certificate, not per connection.
     pub fn svid(&self, identity: &Identity) -> Option<tls::Svid> {
-        let svid = self.certs.get(identity)?;
-        tls::Svid::new(svid.chain().to_vec(), svid.private_key().clone_key()).ok()
+        let cert = self.certs.get(identity)?;
+        let load = || tls::Svid::from_key(cert.chain().to_vec(), &cert.private_key());
+        match self.tls.svid(&identity.to_string(), cert.serial(), load) {
+            Ok(svid) => Some(svid),
+            Err(e) => {
+                warn!(%identity, error = %e, "the certificate cannot be used for TLS");
+                None
+            }
+        }
+    }
+
+    /// Keeps what the proxy derives from the node up to date until `stop`: the TLS cache in
+    /// step with the node's certificates (what was built for an identity that left the node, or
+    /// for a certificate since renewed, is dropped), and the node's addresses.
+    pub async fn maintain(self: Arc<Self>, stop: CancellationToken) {
+        let mut changes = self.certs.subscribe();
+        let mut refresh = tokio::time::interval(LOCAL_ADDRS_REFRESH);
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                changed = changes.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    self.forget_departed_certificates();
+                }
+                _ = refresh.tick() => {
+                    let mesh = self.clone();
+                    let read = tokio::task::spawn_blocking(move || mesh.local_addrs.refresh())
+                        .await
+                        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+                    if let Err(e) = read {
+                        warn!(error = %e, "reading the node's addresses failed");
+                    }
+                }
+            }
+        }
+    }
+
+    fn forget_departed_certificates(&self) {
+        let current = self.certs.all();
+        self.tls.retain(|identity, serial| {
+            current
+                .iter()
+                .any(|(id, cert)| cert.serial() == serial && id.to_string() == identity)
+        });
     }
 
     /// May `source` reach `dst` on `port`, by the policies that select `dst`? Denials are
@@ -103,5 +168,87 @@ impl Mesh {
                 .inc();
         }
         decision
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::str::FromStr;
+    use std::time::SystemTime;
+
+    use rcgen::{CertificateParams, KeyPair, SanType};
+    use zeroize::Zeroizing;
+
+    use super::*;
+    use crate::connections::AccessLog;
+    use crate::control::{parse_target, ControlClient, ControllerEndpoint};
+    use crate::identity::{Svid as Cert, VerifiedChain};
+    use crate::proxy::hbone::PoolConfig;
+    use crate::tls::CertificateDer;
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+
+    /// A certificate of `WEB` as the identity manager stores it.
+    fn cert() -> Arc<Cert> {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(WEB.try_into().unwrap())];
+        let leaf = params.self_signed(&key).unwrap();
+        let der: CertificateDer<'static> = leaf.der().clone();
+        let (_, x509) = x509_parser::parse_x509_certificate(der.as_ref()).unwrap();
+        let serial = x509.raw_serial_as_string();
+        let now = SystemTime::now();
+        let verified = VerifiedChain {
+            chain: vec![der.clone()],
+            not_before: now,
+            not_after: now + Duration::from_secs(3600),
+            serial,
+        };
+        let id = Identity::from_str(WEB).unwrap();
+        let key = Zeroizing::new(key.serialize_der());
+        Arc::new(Cert::new(id, verified, key, vec![der].into(), now))
+    }
+
+    fn mesh(certs: CertStore, roots: &Cert) -> Mesh {
+        let target = parse_target("unix:/nonexistent").unwrap();
+        let endpoint = ControllerEndpoint::new(target, "ca".into(), "token".into(), "node");
+        let (_, config) = ControlClient::new(endpoint);
+        let tls = tls::ConfigCache::new(tls::roots_from_der(roots.chain()).unwrap(), "cluster.local");
+        let connections = Connections::new(Arc::new(Metrics::new().unwrap()), AccessLog::new(0.0));
+        let pool = Pool::new(PoolConfig::default());
+        Mesh::new(config, certs, tls, pool, 0, Duration::from_secs(1), connections)
+    }
+
+    fn key_builds(mesh: &Mesh) -> u64 {
+        mesh.metrics().tls_builds.with_label_values(&["key"]).get()
+    }
+
+    #[test]
+    fn a_key_is_parsed_once_per_certificate_and_forgotten_when_the_identity_leaves() {
+        let certs = CertStore::new();
+        let web = cert();
+        certs.insert(web.clone());
+        let mesh = mesh(certs.clone(), &web);
+        let id = web.identity().clone();
+        let first = mesh.svid(&id).unwrap();
+        let second = mesh.svid(&id).unwrap();
+        assert_eq!(first.serial(), web.serial());
+        assert_eq!(second.serial(), web.serial());
+        assert_eq!(key_builds(&mesh), 1, "one parse for two connections");
+
+        // The identity leaves the node: the cache lets go of its key.
+        certs.remove(&id);
+        mesh.forget_departed_certificates();
+        assert!(mesh.svid(&id).is_none());
+        certs.insert(web.clone());
+        mesh.svid(&id).unwrap();
+        assert_eq!(key_builds(&mesh), 2, "parsed again: the cache had forgotten it");
+
+        // A renewed certificate is parsed anew.
+        let renewed = cert();
+        certs.insert(renewed.clone());
+        mesh.forget_departed_certificates();
+        assert_eq!(mesh.svid(&id).unwrap().serial(), renewed.serial());
+        assert_eq!(key_builds(&mesh), 3);
     }
 }

@@ -7,6 +7,7 @@ pub mod hbone;
 pub mod inbound;
 pub mod inbound_plain;
 pub mod listener;
+pub mod local_addrs;
 pub mod mesh;
 pub mod orig_dst;
 pub mod outbound;

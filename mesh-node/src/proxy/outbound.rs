@@ -2,7 +2,7 @@
 //! with the pod's own identity when the destination is in the mesh, in-process (still by
 //! policy) when it is on this node, and as plain TCP otherwise.
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mesh_api::{Identity, Workload};
@@ -30,21 +30,39 @@ pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: 
         let dst = match original_dst(&client) {
             Ok(dst) => dst,
             Err(e) => {
-                // Not a captured connection (someone dialled the port directly): refuse it.
+                // Not a connection the kernel redirected (someone dialled the port directly):
+                // refuse it.
                 debug!(error = %e, "no original destination; closing");
+                mesh.metrics().outbound.with_label_values(&["not_captured"]).inc();
                 reset(&client);
                 return;
             }
         };
-        if is_own_listener(&cfg, dst) {
-            debug!(%dst, "original destination is this proxy; refusing to loop");
-            reset(&client);
+        let ports = own_ports(&cfg);
+        let refused = |to: SocketAddr| match self_target(to, |ip| mesh.local_addrs.contains(ip), &ports) {
+            None => false,
+            Some(why) => {
+                debug!(%dst, to = %to, reason = why.as_str(), "the destination is this node or proxy; refusing");
+                mesh.metrics().outbound.with_label_values(&["self"]).inc();
+                reset(&client);
+                true
+            }
+        };
+        if refused(dst) {
             return;
         }
         debug!(%dst, "captured");
         let _ = client.set_nodelay(true);
         let state = mesh.config.state();
         let route = route::route(&state, dst, &mut |n| mesh.next(n));
+        // A service's endpoint is checked as the address dialled was.
+        let upstream = match &route {
+            Route::Passthrough { dst, .. } | Route::Hbone { dst, .. } => Some(*dst),
+            Route::NoEndpoint { .. } => None,
+        };
+        if upstream.is_some_and(refused) {
+            return;
+        }
         let label = match &route {
             Route::Passthrough { .. } => "passthrough",
             Route::NoEndpoint { .. } => "no_endpoint",
@@ -57,6 +75,7 @@ pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: 
             direction: Direction::Outbound,
             route: label,
             src_addr: peer,
+            forwarded_for: None,
             dst_addr: dst,
             source: source.as_ref().map_or_else(Peer::unknown, Peer::of),
             destination: Peer::unknown(),
@@ -233,6 +252,10 @@ async fn passthrough(
         }
     };
     let _ = upstream.set_nodelay(true);
+    // The destination is outside the mesh and may vanish without a word: keepalive finds out.
+    if let Err(e) = mesh.carried.keepalive.apply(SockRef::from(&upstream)) {
+        debug!(error = %e, "setting keepalive on the passthrough socket failed");
+    }
     carry(mesh, client, meta, upstream).await
 }
 
@@ -245,13 +268,101 @@ async fn connect(mesh: &Mesh, dst: SocketAddr) -> io::Result<TcpStream> {
     .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
-fn is_own_listener(cfg: &Config, dst: SocketAddr) -> bool {
-    dst.port() == cfg.datapath.outbound_port
-        && (Some(dst.ip()) == cfg.datapath.proxy_ipv4.map(Into::into)
-            || Some(dst.ip()) == cfg.datapath.proxy_ipv6.map(Into::into))
+/// The ports of this proxy's own listeners, as configured.
+fn own_ports(cfg: &Config) -> [u16; 6] {
+    [
+        cfg.admin_addr.port(),
+        cfg.datapath.outbound_port,
+        cfg.datapath.inbound_plain_port,
+        HBONE_PORT,
+        cfg.metrics_addr.port(),
+        cfg.health_addr.port(),
+    ]
+}
+
+/// Why a destination is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SelfTarget {
+    /// An address of this node (loopback and unspecified included).
+    LocalAddress,
+    /// A port of the proxy's own listeners, wherever it is.
+    ProxyPort,
+}
+
+impl SelfTarget {
+    fn as_str(self) -> &'static str {
+        match self {
+            SelfTarget::LocalAddress => "local_address",
+            SelfTarget::ProxyPort => "proxy_port",
+        }
+    }
+}
+
+/// Whether carrying a connection to `dst` would reach this node or a mesh proxy instead of a
+/// workload: a local address of the node (the proxy itself, or the node a pod can reach
+/// without the mesh; a loop when it is one of the proxy's listeners), or one of the proxy's
+/// own ports, which the mesh reserves on every address as Istio does its 150xx range.
+fn self_target(dst: SocketAddr, is_local: impl Fn(IpAddr) -> bool, own_ports: &[u16]) -> Option<SelfTarget> {
+    if is_local(dst.ip()) {
+        Some(SelfTarget::LocalAddress)
+    } else if own_ports.contains(&dst.port()) {
+        Some(SelfTarget::ProxyPort)
+    } else {
+        None
+    }
 }
 
 /// Linger 0 turns the coming close into an RST.
 fn reset(conn: &TcpStream) {
     let _ = SockRef::from(conn).set_linger(Some(std::time::Duration::ZERO));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PORTS: [u16; 6] = [15000, 15001, 15006, 15008, 15020, 15021];
+
+    fn check(dst: &str) -> Option<SelfTarget> {
+        let local: [IpAddr; 3] = [
+            "10.0.0.1".parse().unwrap(),
+            "10.1.1.1".parse().unwrap(),
+            "fd00::1".parse().unwrap(),
+        ];
+        self_target(dst.parse().unwrap(), |ip| local.contains(&ip), &PORTS)
+    }
+
+    #[test]
+    fn a_local_address_is_refused_on_any_port() {
+        for dst in [
+            "10.0.0.1:15001",
+            "10.1.1.1:15001",
+            "10.1.1.1:80",
+            "[fd00::1]:8080",
+        ] {
+            assert_eq!(check(dst), Some(SelfTarget::LocalAddress), "{dst}");
+        }
+    }
+
+    #[test]
+    fn the_proxy_ports_are_refused_on_any_address() {
+        for port in PORTS {
+            for ip in ["10.1.2.10", "[fd00:1:2::10]"] {
+                let dst = format!("{ip}:{port}");
+                assert_eq!(check(&dst), Some(SelfTarget::ProxyPort), "{dst}");
+            }
+        }
+    }
+
+    #[test]
+    fn workloads_elsewhere_are_carried() {
+        for dst in [
+            "10.1.2.10:8080",
+            "10.96.0.10:80",
+            "[fd00:1:2::10]:15002",
+            "10.1.2.10:15022",
+        ] {
+            assert_eq!(check(dst), None, "{dst}");
+        }
+    }
 }

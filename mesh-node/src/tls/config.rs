@@ -2,7 +2,7 @@
 //! HBONE handshake rules (TLS 1.3, ALPN h2, no SNI, SPIFFE identities).
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
 
 use rustls::client::Resumption;
 use rustls::pki_types::pem::PemObject;
@@ -10,8 +10,9 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::{NoServerSessionStorage, WebPkiClientVerifier};
 use rustls::sign::{CertifiedKey, SingleCertAndKey};
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
+use zeroize::Zeroize;
 
-use super::provider::provider;
+use super::provider::{load_signing_key, provider};
 use super::verify::{ClientTrustDomainVerifier, ServerIdentityVerifier};
 use super::{spiffe_id, TlsError};
 
@@ -23,21 +24,42 @@ pub const ALPN_H2: &[u8] = b"h2";
 #[derive(Clone)]
 pub struct Svid {
     identity: Arc<str>,
+    /// The leaf's serial number (hex, colon-separated), which tells one issued certificate of
+    /// the identity from the next.
+    serial: Arc<str>,
     key: Arc<CertifiedKey>,
 }
 
 impl Svid {
     /// `chain` is leaf first, then intermediates (not the root). Fails if the key does not
-    /// match the leaf or the leaf has no single SPIFFE ID.
-    pub fn new(chain: Vec<CertificateDer<'static>>, key: PrivateKeyDer<'static>) -> Result<Svid, TlsError> {
+    /// match the leaf or the leaf has no single SPIFFE ID. The DER copy of the key passed in is
+    /// wiped once parsed.
+    pub fn new(
+        chain: Vec<CertificateDer<'static>>,
+        mut key: PrivateKeyDer<'static>,
+    ) -> Result<Svid, TlsError> {
+        let parsed = Svid::from_key(chain, &key);
+        key.zeroize();
+        parsed
+    }
+
+    /// Same as [`Svid::new`] from a borrowed key, which is parsed without being copied.
+    pub fn from_key(chain: Vec<CertificateDer<'static>>, key: &PrivateKeyDer<'_>) -> Result<Svid, TlsError> {
         let leaf = chain
             .first()
             .ok_or_else(|| TlsError::InvalidMaterial("empty certificate chain".into()))?;
         let identity = spiffe_id(leaf)?;
-        let key = CertifiedKey::from_der(chain, key, &provider())
-            .map_err(|e| TlsError::InvalidMaterial(e.to_string()))?;
+        let serial = serial_of(leaf)?;
+        let signer = load_signing_key(key)?;
+        let key = CertifiedKey::new(chain, signer);
+        match key.keys_match() {
+            // A key that cannot tell its public half is taken on trust, as rustls does.
+            Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+            Err(e) => return Err(TlsError::InvalidMaterial(e.to_string())),
+        }
         Ok(Svid {
             identity: identity.into(),
+            serial: serial.into(),
             key: Arc::new(key),
         })
     }
@@ -57,14 +79,19 @@ impl Svid {
         &self.identity
     }
 
+    /// The leaf's serial number, hex with colons.
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
     /// The certificate chain, leaf first.
     pub fn chain(&self) -> &[CertificateDer<'static>] {
         &self.key.cert
     }
 
-    /// Whether two values are the same issued certificate and key (not merely the same identity).
-    pub fn same_key(&self, other: &Svid) -> bool {
-        Arc::ptr_eq(&self.key, &other.key)
+    /// Whether two values are the same issued certificate: the same identity and serial.
+    fn same_certificate(&self, other: &Svid) -> bool {
+        self.identity == other.identity && self.serial == other.serial
     }
 }
 
@@ -149,14 +176,39 @@ pub fn server_config(
     Ok(Arc::new(cfg))
 }
 
-/// Built configs, reused: client configs per (source identity, destination identity), server
-/// configs per local identity. An entry is rebuilt when the [`Svid`] passed in is a different
-/// (rotated) certificate than the one it was built from; [`ConfigCache::set_roots`] drops all.
+/// What [`ConfigCache`] built rather than reused: a key parsed, a client or a server config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    Key,
+    Client,
+    Server,
+}
+
+impl Build {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Build::Key => "key",
+            Build::Client => "client",
+            Build::Server => "server",
+        }
+    }
+}
+
+/// Told of every build (metrics, tests).
+pub type BuildObserver = Box<dyn Fn(Build) + Send + Sync>;
+
+/// Parsed keys and built configs, reused, each keyed by identity and certificate serial: an
+/// [`Svid`] per local identity, client configs per (source identity, destination identity),
+/// server configs per local identity. A renewed certificate (a new serial) replaces its
+/// entries; [`ConfigCache::retain`] forgets identities that left the node;
+/// [`ConfigCache::set_roots`] drops every config.
 pub struct ConfigCache {
     trust_domain: String,
     roots: RwLock<Arc<RootCertStore>>,
+    svids: Mutex<HashMap<Arc<str>, Svid>>,
     clients: Mutex<HashMap<ClientKey, Built<ClientConfig>>>,
     servers: Mutex<HashMap<Arc<str>, Built<ServerConfig>>>,
+    observer: OnceLock<BuildObserver>,
 }
 
 /// (source identity, expected destination identity).
@@ -170,8 +222,21 @@ impl ConfigCache {
         ConfigCache {
             trust_domain: trust_domain.into(),
             roots: RwLock::new(roots),
+            svids: Mutex::new(HashMap::new()),
             clients: Mutex::new(HashMap::new()),
             servers: Mutex::new(HashMap::new()),
+            observer: OnceLock::new(),
+        }
+    }
+
+    /// Sets the build observer; only the first call takes effect.
+    pub fn observe_builds(&self, observer: BuildObserver) {
+        let _ = self.observer.set(observer);
+    }
+
+    fn built(&self, what: Build) {
+        if let Some(observe) = self.observer.get() {
+            observe(what);
         }
     }
 
@@ -190,6 +255,26 @@ impl ConfigCache {
         lock(&self.servers).clear();
     }
 
+    /// The TLS material of certificate `serial` of the local `identity`. `load` (which parses
+    /// the key) runs only when the cache holds no other certificate for the identity than
+    /// `serial`'s.
+    pub fn svid(
+        &self,
+        identity: &str,
+        serial: &str,
+        load: impl FnOnce() -> Result<Svid, TlsError>,
+    ) -> Result<Svid, TlsError> {
+        if let Some(svid) = lock(&self.svids).get(identity) {
+            if &*svid.serial == serial {
+                return Ok(svid.clone());
+            }
+        }
+        let svid = load()?;
+        self.built(Build::Key);
+        lock(&self.svids).insert(identity.into(), svid.clone());
+        Ok(svid)
+    }
+
     /// The client config for `source` dialing a server that must be `expected_server_identity`.
     pub fn client(
         &self,
@@ -198,11 +283,12 @@ impl ConfigCache {
     ) -> Result<Arc<ClientConfig>, TlsError> {
         let key = (source.identity.clone(), expected_server_identity.to_string());
         if let Some((svid, cfg)) = lock(&self.clients).get(&key) {
-            if svid.same_key(source) {
+            if svid.same_certificate(source) {
                 return Ok(cfg.clone());
             }
         }
         let cfg = client_config(source, self.roots(), expected_server_identity)?;
+        self.built(Build::Client);
         lock(&self.clients).insert(key, (source.clone(), cfg.clone()));
         Ok(cfg)
     }
@@ -210,22 +296,131 @@ impl ConfigCache {
     /// The server config of the local identity `svid`.
     pub fn server(&self, svid: &Svid) -> Result<Arc<ServerConfig>, TlsError> {
         if let Some((cached, cfg)) = lock(&self.servers).get(svid.identity()) {
-            if cached.same_key(svid) {
+            if cached.same_certificate(svid) {
                 return Ok(cfg.clone());
             }
         }
         let cfg = server_config(svid, self.roots(), &self.trust_domain)?;
+        self.built(Build::Server);
         lock(&self.servers).insert(svid.identity.clone(), (svid.clone(), cfg.clone()));
         Ok(cfg)
     }
 
-    /// Forgets every config of a local identity (its workload left the node).
-    pub fn forget(&self, identity: &str) {
-        lock(&self.clients).retain(|(src, _), _| &**src != identity);
-        lock(&self.servers).remove(identity);
+    /// Keeps only what was built from certificates `current(identity, serial)` accepts: the
+    /// rest (identities that left the node, certificates since renewed) is dropped, and with
+    /// the last reference its parsed key.
+    pub fn retain(&self, current: impl Fn(&str, &str) -> bool) {
+        let keep = |svid: &Svid| current(&svid.identity, &svid.serial);
+        lock(&self.svids).retain(|_, svid| keep(svid));
+        lock(&self.clients).retain(|_, (svid, _)| keep(svid));
+        lock(&self.servers).retain(|_, (svid, _)| keep(svid));
     }
+}
+
+/// The leaf's serial number as [`x509_parser`] prints it (hex with colons).
+fn serial_of(leaf: &CertificateDer<'_>) -> Result<String, TlsError> {
+    let (_, x509) = x509_parser::parse_x509_certificate(leaf.as_ref())
+        .map_err(|e| TlsError::BadCertificate(format!("unparsable certificate: {e}")))?;
+    Ok(x509.raw_serial_as_string())
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use rcgen::{CertificateParams, KeyPair, SanType};
+
+    use super::*;
+
+    const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
+    const CART: &str = "spiffe://cluster.local/ns/shop/sa/cart";
+
+    /// A self-signed certificate for `id` (a fresh serial each time) and its key.
+    fn issue(id: &str) -> (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>) {
+        let key = KeyPair::generate().unwrap();
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        let cert = params.self_signed(&key).unwrap();
+        let der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+        (vec![cert.der().clone()], der)
+    }
+
+    fn counted(cache: &ConfigCache) -> Arc<[AtomicUsize; 3]> {
+        let counts = Arc::new([const { AtomicUsize::new(0) }; 3]);
+        let c = counts.clone();
+        cache.observe_builds(Box::new(move |b| {
+            c[b as usize].fetch_add(1, Ordering::SeqCst);
+        }));
+        counts
+    }
+
+    fn loaded(
+        cache: &ConfigCache,
+        id: &str,
+        cert: &(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>),
+    ) -> Svid {
+        let serial = serial_of(&cert.0[0]).unwrap();
+        cache
+            .svid(id, &serial, || Svid::new(cert.0.clone(), cert.1.clone_key()))
+            .unwrap()
+    }
+
+    #[test]
+    fn keys_and_configs_are_built_once_per_certificate_and_forgotten_with_it() {
+        let (ca, _) = issue(CART);
+        let cache = ConfigCache::new(roots_from_der(&ca).unwrap(), "cluster.local");
+        let builds = counted(&cache);
+        let count = |b: Build| builds[b as usize].load(Ordering::SeqCst);
+
+        let first = issue(WEB);
+        for _ in 0..3 {
+            let svid = loaded(&cache, WEB, &first);
+            cache.client(&svid, CART).unwrap();
+            cache.server(&svid).unwrap();
+        }
+        assert_eq!(
+            (count(Build::Key), count(Build::Client), count(Build::Server)),
+            (1, 1, 1),
+            "three connections, one build of each"
+        );
+
+        // A renewed certificate (a new serial) is parsed and built for anew.
+        let renewed = issue(WEB);
+        let svid = loaded(&cache, WEB, &renewed);
+        assert_eq!(svid.serial(), serial_of(&renewed.0[0]).unwrap());
+        cache.client(&svid, CART).unwrap();
+        cache.server(&svid).unwrap();
+        assert_eq!(
+            (count(Build::Key), count(Build::Client), count(Build::Server)),
+            (2, 2, 2)
+        );
+
+        // The identity leaves the node: nothing of it stays.
+        cache.retain(|_, _| false);
+        assert!(lock(&cache.svids).is_empty());
+        assert!(lock(&cache.clients).is_empty());
+        assert!(lock(&cache.servers).is_empty());
+        loaded(&cache, WEB, &renewed);
+        assert_eq!(count(Build::Key), 3);
+    }
+
+    #[test]
+    fn retain_keeps_only_the_current_certificates() {
+        let (ca, _) = issue(CART);
+        let cache = ConfigCache::new(roots_from_der(&ca).unwrap(), "cluster.local");
+        let web = loaded(&cache, WEB, &issue(WEB));
+        let cart = loaded(&cache, CART, &issue(CART));
+        cache.server(&web).unwrap();
+        cache.server(&cart).unwrap();
+        cache.client(&web, CART).unwrap();
+        let web_serial = web.serial().to_owned();
+        cache.retain(|id, serial| id == WEB && serial == web_serial);
+        assert_eq!(lock(&cache.svids).keys().map(|k| &**k).collect::<Vec<_>>(), [WEB]);
+        assert_eq!(lock(&cache.servers).len(), 1);
+        assert_eq!(lock(&cache.clients).len(), 1);
+    }
 }

@@ -5,7 +5,8 @@
 //!   server's SPIFFE ID to equal the expected destination identity exactly; no SNI.
 //! - [`server_config`]: HBONE server for one local identity; requires a client certificate that
 //!   chains to the mesh root with a SPIFFE ID in the trust domain.
-//! - [`ConfigCache`]: reuses both, rebuilt on certificate or root rotation.
+//! - [`ConfigCache`]: reuses parsed keys and both configs, keyed by identity and certificate
+//!   serial; rebuilt on certificate or root rotation, forgotten when an identity leaves.
 //! - [`peer_identity`]: the peer's SPIFFE ID after a handshake.
 //! - [`TlsError::reason`]: why a handshake failed, as a metrics label.
 //!
@@ -18,7 +19,10 @@ mod identity;
 mod provider;
 mod verify;
 
-pub use config::{client_config, roots_from_der, roots_from_pem, server_config, ConfigCache, Svid, ALPN_H2};
+pub use config::{
+    client_config, roots_from_der, roots_from_pem, server_config, Build, BuildObserver, ConfigCache, Svid,
+    ALPN_H2,
+};
 pub use error::TlsError;
 pub use handshake::{accept, connect};
 pub use identity::{in_trust_domain, peer_identity, spiffe_id, trust_domain_of};

@@ -6,6 +6,10 @@ use std::sync::{Arc, OnceLock};
 
 use rustls::crypto::ring as backend;
 use rustls::crypto::CryptoProvider;
+use rustls::pki_types::PrivateKeyDer;
+use rustls::sign::SigningKey;
+
+use super::TlsError;
 
 /// The provider every mesh TLS config is built with: TLS 1.3 AES-GCM suites only, x25519 or
 /// P-256 key exchange (the HBONE wire facts of DESIGN.md §5).
@@ -23,4 +27,10 @@ pub fn provider() -> Arc<CryptoProvider> {
             })
         })
         .clone()
+}
+
+/// Parses a private key for signing with the chosen backend, from a borrowed DER so that no
+/// copy of the key is left behind unwiped.
+pub(crate) fn load_signing_key(key: &PrivateKeyDer<'_>) -> Result<Arc<dyn SigningKey>, TlsError> {
+    backend::sign::any_supported_type(key).map_err(|e| TlsError::InvalidMaterial(e.to_string()))
 }

@@ -441,16 +441,21 @@ impl Pool {
             let mut rx = match next {
                 Next::Wait(rx) => rx,
                 Next::Dial(id, tx, rx) => {
-                    // No await between registering the dial and spawning it: a caller dropped
-                    // here cannot strand the waiters.
+                    // From here the guard owns the pending entry: however the dial ends (done,
+                    // failed, its task cancelled or panicking), the entry goes and the waiters
+                    // hear of it.
+                    let guard = PendingGuard {
+                        inner: self.inner.clone(),
+                        key: key.clone(),
+                        id,
+                        tx: Some(tx),
+                    };
                     match tls.get() {
                         Ok(config) => {
                             self.inner.dials.fetch_add(1, Ordering::Relaxed);
-                            tokio::spawn(dial(self.inner.clone(), key.clone(), id, config, tx));
+                            tokio::spawn(dial(guard, config));
                         }
-                        Err(e) => {
-                            finish_dial(&self.inner, key, id, Err(HboneError::Tls(e)), tx);
-                        }
+                        Err(e) => guard.finish(Err(HboneError::Tls(e))),
                     }
                     rx
                 }
@@ -533,17 +538,12 @@ fn retryable(e: &HboneError, conn: &Conn) -> bool {
     }
 }
 
-/// Dials one connection for `key` and hands it to the waiters of dial `id`.
-async fn dial(
-    inner: Arc<Inner>,
-    key: PoolKey,
-    id: u64,
-    config: Arc<tls::ClientConfig>,
-    tx: watch::Sender<DialOutcome>,
-) {
+/// Dials one connection and hands it to the waiters of `guard`'s dial.
+async fn dial(guard: PendingGuard, config: Arc<tls::ClientConfig>) {
+    let (inner, key) = (&guard.inner, &guard.key);
     let timeout = inner.cfg.connect_timeout;
     let started = Instant::now();
-    let res = match tokio::time::timeout(timeout, establish(&inner, &key, config)).await {
+    let res = match tokio::time::timeout(timeout, establish(inner, key, config)).await {
         Ok(r) => r,
         Err(_) => Err(HboneError::Timeout("dialling the HBONE peer")),
     };
@@ -557,29 +557,50 @@ async fn dial(
     if let Err(e) = &res {
         debug!(dst = %key.dst, dst_identity = %key.dst_identity, error = %e, "HBONE dial failed");
     }
-    finish_dial(&inner, &key, id, res, tx);
+    guard.finish(res);
 }
 
-fn finish_dial(
-    inner: &Inner,
-    key: &PoolKey,
+/// A dial in progress, as the pool lists it. Finishing it removes the pending entry (keeping
+/// the connection, if one was made) and wakes the waiters; dropping it unfinished, because the
+/// task dialling was cancelled or panicked, does the same with [`HboneError::Cancelled`], so no
+/// caller waits on a dial that will never end and the key's entry does not outlive it.
+struct PendingGuard {
+    inner: Arc<Inner>,
+    key: PoolKey,
     id: u64,
-    res: Result<Arc<Conn>, HboneError>,
-    tx: watch::Sender<DialOutcome>,
-) {
-    {
-        let mut st = lock(&inner.state);
-        if let Some(entry) = st.get_mut(key) {
-            entry.pending.retain(|p| p.id != id);
-            if let Ok(conn) = &res {
-                entry.conns.push(conn.clone());
-            }
-            if entry.conns.is_empty() && entry.pending.is_empty() {
-                st.remove(key);
+    tx: Option<watch::Sender<DialOutcome>>,
+}
+
+impl PendingGuard {
+    fn finish(mut self, res: Result<Arc<Conn>, HboneError>) {
+        self.complete(res);
+    }
+
+    fn complete(&mut self, res: Result<Arc<Conn>, HboneError>) {
+        let Some(tx) = self.tx.take() else { return };
+        {
+            let mut st = lock(&self.inner.state);
+            if let Some(entry) = st.get_mut(&self.key) {
+                entry.pending.retain(|p| p.id != self.id);
+                if let Ok(conn) = &res {
+                    entry.conns.push(conn.clone());
+                }
+                if entry.conns.is_empty() && entry.pending.is_empty() {
+                    st.remove(&self.key);
+                }
             }
         }
+        let _ = tx.send(Some(res));
     }
-    let _ = tx.send(Some(res));
+}
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        if self.tx.is_some() {
+            debug!(dst = %self.key.dst, "HBONE dial ended before it finished");
+            self.complete(Err(HboneError::Cancelled));
+        }
+    }
 }
 
 async fn establish(

@@ -97,6 +97,9 @@ pub enum HboneError {
     /// An I/O failure outside the handshakes.
     #[error("I/O: {0}")]
     Io(#[source] Arc<io::Error>),
+    /// The dial this call waited on ended before it finished (its task was cancelled).
+    #[error("the HBONE dial was cancelled")]
+    Cancelled,
 }
 
 impl HboneError {
@@ -135,6 +138,7 @@ impl HboneError {
             HboneError::BadRequest { .. } => "bad_request",
             HboneError::Status { .. } => "status",
             HboneError::Io(_) => "io",
+            HboneError::Cancelled => "cancelled",
         }
     }
 
