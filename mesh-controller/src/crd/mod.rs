@@ -36,9 +36,9 @@ const HEADER: &str = "# Generated from mesh-controller/src/crd by `cargo xtask m
 pub fn crd_files() -> Vec<CrdFile> {
     let crd = AuthorizationPolicy::crd();
     let name = format!("{}.yaml", crd.metadata.name.as_deref().unwrap_or("crd"));
-    // serde_yaml writes maps in the order serde_json gives them: sorted, so stable.
+    // serde_norway writes maps in the order serde_json gives them: sorted, so stable.
     let value = serde_json::to_value(&crd).expect("a CRD serializes");
-    let yaml = serde_yaml::to_string(&value).expect("a JSON value serializes as YAML");
+    let yaml = serde_norway::to_string(&value).expect("a JSON value serializes as YAML");
     vec![CrdFile {
         name,
         yaml: format!("{HEADER}{yaml}"),

@@ -8,7 +8,7 @@ use std::fmt;
 use mesh_api::manifests::{documents, Document};
 use mesh_api::NamespacedName;
 use serde::de::DeserializeOwned;
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use crate::cluster::ClusterState;
 use crate::sources::objects::*;
@@ -67,7 +67,7 @@ impl Loader {
             };
             // Leading newlines keep the parser's line numbers those of the whole file.
             let padded = "\n".repeat(first_line) + document;
-            match serde_yaml::from_str::<Value>(&padded) {
+            match serde_norway::from_str::<Value>(&padded) {
                 Ok(Value::Null) => {}
                 Ok(value) => self.add_object(&at, "", value),
                 Err(e) => self.problem(&at, None, None, e.to_string()),
