@@ -9,6 +9,7 @@ pub mod client;
 mod identity;
 pub mod manifests;
 mod objects;
+pub mod secret_files;
 mod view;
 mod wire;
 

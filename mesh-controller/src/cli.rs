@@ -38,11 +38,13 @@ pub struct Args {
     #[arg(long, value_name = "PATH")]
     pub socket: Option<PathBuf>,
 
-    /// Directory of the CA root (root.pem, root.key with mode 0600); created on first start.
+    /// Directory of the CA root (root.pem, root.key with mode 0600); created (0700) on first
+    /// start. Refused when others can write to it or it is not ours.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/mesh-controller/ca")]
     pub ca_dir: PathBuf,
 
-    /// Directory of node tokens: the file named after a node holds that node's token.
+    /// Directory of node tokens: the file named after a node holds that node's token (mode
+    /// 0600, no symbolic links). Refused when others can write to it or it is not ours.
     #[arg(long, value_name = "DIR", default_value = "/etc/mesh-controller/node-tokens")]
     pub tokens_dir: PathBuf,
 

@@ -77,11 +77,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     match args.source.clone() {
         Some(SourceArg::File(dir)) => {
             let source = FileSource::new(dir.clone())?;
-            if !args.tokens_dir.is_dir() {
-                bail!("--tokens-dir {}: not a directory", args.tokens_dir.display());
-            }
+            let auth = TokenFiles::new(args.tokens_dir.clone()).context("--tokens-dir")?;
             let ca = Ca::load_or_create(&args.ca_dir, args.cert_ttl).context("loading the CA")?;
-            let auth = TokenFiles::new(args.tokens_dir.clone());
             let described = format!("file:{}", dir.display());
             serve(&args, store, epoch, ca, auth, source, described).await
         }

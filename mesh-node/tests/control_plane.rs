@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use mesh_api::client::Target;
+use mesh_api::secret_files;
 use mesh_api::{Identity, TrustDomain};
 use mesh_controller::ca::Ca;
 use mesh_controller::server::auth::TokenFiles;
@@ -139,8 +140,8 @@ impl Dirs {
         std::fs::create_dir_all(&dirs.cluster).unwrap();
         std::fs::create_dir_all(&dirs.tokens).unwrap();
         std::fs::write(dirs.cluster.join("cluster.yaml"), CLUSTER).unwrap();
-        std::fs::write(dirs.tokens.join("a"), "token-of-a\n").unwrap();
-        std::fs::write(dirs.tokens.join("b"), "token-of-b\n").unwrap();
+        secret_files::create_secret(&dirs.tokens.join("a"), b"token-of-a\n").unwrap();
+        secret_files::create_secret(&dirs.tokens.join("b"), b"token-of-b\n").unwrap();
         dirs
     }
 
@@ -186,7 +187,7 @@ impl RunningController {
         let ctl = Arc::new(Controller::new(
             store.clone(),
             Arc::new(ca),
-            TokenFiles::new(dirs.tokens.clone()),
+            TokenFiles::new(dirs.tokens.clone()).unwrap(),
             TrustDomain::default(),
         ));
         // The previous instance's listener closes once its accept loop notices: retry.

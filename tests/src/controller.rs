@@ -2,6 +2,7 @@
 //! (reachable from every node at [`LINK_IPV4`]) on its local-file source, and is fed the same
 //! Kubernetes objects a cluster would hold for the harness's namespaces and pods.
 use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -26,7 +27,12 @@ impl Controller {
     pub fn start(cluster: &Cluster, extra_args: &[&str]) -> Result<Controller> {
         let dir = std::env::temp_dir().join(format!("{}-controller", cluster.id()));
         for sub in ["manifests", "ca", "tokens"] {
-            std::fs::create_dir_all(dir.join(sub)).with_context(|| format!("creating {}", dir.display()))?;
+            // The controller refuses a CA or token directory others could write to.
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir.join(sub))
+                .with_context(|| format!("creating {}", dir.display()))?;
         }
         let mut c = Controller {
             dir,
@@ -87,7 +93,7 @@ impl Controller {
         let path = self.dir.join("tokens").join(node);
         if !path.exists() {
             let token = format!("{:x}{:x}", rand_u64(), rand_u64());
-            std::fs::write(&path, token)?;
+            mesh_api::secret_files::create_secret(&path, token.as_bytes())?;
         }
         Ok(path)
     }

@@ -1,11 +1,14 @@
 //! The root's files in the CA directory: `root.pem` (certificate) and `root.key` (PKCS#8,
-//! mode 0600). Created on first start; a key others can read is refused, not fixed, because
-//! it may already have leaked.
+//! mode 0600). Created on first start, never through a symbolic link or over a file already
+//! there; a key others can read is refused, not fixed, because it may already have leaked;
+//! a directory others can write to is refused (see [`mesh_api::secret_files`]).
 
-use std::fs::{self, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::fs;
+use std::io::Read;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
+
+use mesh_api::secret_files;
 
 use super::{CaError, RootPem, RootStore};
 
@@ -27,6 +30,7 @@ impl FilesRoot {
         &self,
         create: &dyn Fn() -> Result<RootPem, CaError>,
     ) -> Result<(RootPem, bool), CaError> {
+        private_dir(&self.dir)?;
         if let Some(root) = load(&self.dir)? {
             return Ok((root, false));
         }
@@ -56,40 +60,32 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> CaError + '_ {
     }
 }
 
+/// Whether anything is at `path`: a dangling symbolic link counts, and is refused on reading.
+fn present(path: &Path) -> bool {
+    path.symlink_metadata().is_ok()
+}
+
 /// Reads the root, or `None` when the directory holds none yet.
 fn load(dir: &Path) -> Result<Option<RootPem>, CaError> {
     let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
-    match (cert_path.exists(), key_path.exists()) {
+    match (present(&cert_path), present(&key_path)) {
         (false, false) => return Ok(None),
         (true, false) => return Err(CaError::Incomplete { missing: key_path }),
         (false, true) => return Err(CaError::Incomplete { missing: cert_path }),
         (true, true) => {}
     }
-    let mode = fs::metadata(&key_path)
-        .map_err(io_error(&key_path))?
-        .permissions()
-        .mode();
-    if mode & 0o077 != 0 {
-        return Err(CaError::KeyPermissions {
-            path: key_path,
-            mode: mode & 0o777,
-        });
-    }
-    Ok(Some(RootPem {
-        cert_pem: fs::read_to_string(&cert_path).map_err(io_error(&cert_path))?,
-        key_pem: fs::read_to_string(&key_path).map_err(io_error(&key_path))?,
-    }))
+    let key_pem = secret_files::read_secret(&key_path)?;
+    let mut cert_pem = String::new();
+    secret_files::open_regular(&cert_path)?
+        .read_to_string(&mut cert_pem)
+        .map_err(io_error(&cert_path))?;
+    Ok(Some(RootPem { cert_pem, key_pem }))
 }
 
 /// Writes a new root. The certificate is renamed into place last, so a crash in between
 /// leaves a directory that [`load`] reports instead of silently replacing.
 fn store(dir: &Path, root: &RootPem) -> Result<(), CaError> {
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)
-        .map_err(io_error(dir))?;
-    let key_tmp = write_new(dir, KEY_FILE, &root.key_pem, 0o600)?;
+    let key_tmp = write_new(dir, KEY_FILE, &root.key_pem, secret_files::SECRET_MODE)?;
     let cert_tmp = write_new(dir, CERT_FILE, &root.cert_pem, 0o644)?;
     for (tmp, name) in [(key_tmp, KEY_FILE), (cert_tmp, CERT_FILE)] {
         let path = dir.join(name);
@@ -98,17 +94,27 @@ fn store(dir: &Path, root: &RootPem) -> Result<(), CaError> {
     Ok(())
 }
 
+/// Creates the directory private, or checks that the one there is: in a directory others
+/// can write to, they could swap the key between our checks and our reads.
+fn private_dir(dir: &Path) -> Result<(), CaError> {
+    if !present(dir) {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(io_error(dir))?;
+    }
+    Ok(secret_files::check_private_dir(dir)?)
+}
+
 fn write_new(dir: &Path, name: &str, contents: &str, mode: u32) -> Result<PathBuf, CaError> {
     let path = dir.join(format!(".{name}.new"));
+    // Left by a start that crashed before its rename; removing unlinks a link, never its target.
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_error(&path)(e)),
+        _ => {}
+    }
     // The mode is set at creation, so the key is never readable by others, not even briefly.
-    let mut file = OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&path)
-        .map_err(io_error(&path))?;
-    file.write_all(contents.as_bytes()).map_err(io_error(&path))?;
-    file.sync_all().map_err(io_error(&path))?;
+    secret_files::create_new(&path, contents.as_bytes(), mode)?;
     Ok(path)
 }

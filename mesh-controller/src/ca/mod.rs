@@ -9,12 +9,15 @@
 
 pub mod csr;
 mod files;
+#[cfg(test)]
+mod files_tests;
 mod secret;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use mesh_api::secret_files::SecretFileError;
 use mesh_api::Identity;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
@@ -37,8 +40,8 @@ const BACKDATE: Duration = Duration::from_secs(5 * 60);
 pub enum CaError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path} has mode {mode:04o}: a root key must be readable by its owner only (0600)")]
-    KeyPermissions { path: PathBuf, mode: u32 },
+    #[error("the CA's files: {0}")]
+    File(#[from] SecretFileError),
     #[error("{missing} is missing while the other root file exists; restore it or remove both")]
     Incomplete { missing: PathBuf },
     #[error("root in {location}: {reason}")]

@@ -54,7 +54,7 @@ fn refuses_a_readable_key() {
         fs::set_permissions(&key, fs::Permissions::from_mode(mode)).unwrap();
         let err = Ca::load_or_create(dir.path(), DAY).err().expect("refused");
         assert!(
-            matches!(err, CaError::KeyPermissions { mode: m, .. } if m == mode),
+            matches!(err, CaError::File(SecretFileError::Readable { mode: m, .. }) if m == mode),
             "{err}"
         );
     }

@@ -209,16 +209,7 @@ impl AuthorizationPolicyStatus {
 /// that keeps it out. Shared by both sources: nothing is applied unless all of it converts.
 pub fn to_policy(namespace: &str, name: &str, spec: &AuthorizationPolicySpec) -> Result<Policy, Invalid> {
     let selector = spec.selector.match_labels.clone();
-    for (key, value) in &selector {
-        let field = format!("spec.selector.matchLabels.{key}");
-        check_label_key(&field, key)?;
-        if !is_label_value(value) {
-            return Err(Invalid::new(
-                field,
-                format!("{value:?} is not a valid label value"),
-            ));
-        }
-    }
+    check_selector(&selector)?;
     let action = match spec.action {
         PolicyAction::Allow => Action::Allow,
         PolicyAction::Deny => Action::Deny,
@@ -269,6 +260,64 @@ pub fn to_policy(namespace: &str, name: &str, spec: &AuthorizationPolicySpec) ->
         action,
         rules,
     })
+}
+
+/// What the nodes enforce in place of a policy that does not convert, so that a mistake in a
+/// policy never opens access:
+/// - a DENY policy denies every connection to the workloads it selects, until it is fixed;
+/// - an ALLOW policy allows nothing, so its workloads stay default-deny (as an ALLOW policy
+///   with no rules);
+/// - an action that cannot be read counts as DENY: the stand-in must cover the worst case.
+///
+/// A selector that cannot be read (or is not an object, or has a bad label) selects the whole
+/// namespace: a policy only ever selects workloads of its own namespace, so that is the one
+/// scope sure to hold every workload it was meant for. A policy whose labels are fine keeps
+/// its selector. `spec` is the policy's spec as written, untyped, since it did not convert.
+pub fn fail_closed(namespace: &str, name: &str, spec: &serde_json::Value) -> Policy {
+    let action = match spec.get("action") {
+        None if spec.is_object() => PolicyAction::Allow,
+        None => PolicyAction::Deny,
+        Some(value) => PolicyAction::deserialize(value).unwrap_or(PolicyAction::Deny),
+    };
+    let selector = spec
+        .get("selector")
+        .and_then(|s| WorkloadSelector::deserialize(s).ok())
+        .filter(|s| check_selector(&s.match_labels).is_ok())
+        .map(|s| s.match_labels)
+        .unwrap_or_default();
+    let (action, rules) = match action {
+        PolicyAction::Deny => (Action::Deny, vec![Rule::default()]),
+        PolicyAction::Allow => (Action::Allow, Vec::new()),
+    };
+    Policy {
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        selector,
+        action,
+        rules,
+    }
+}
+
+/// What a [`fail_closed`] stand-in does, for logs and the policy's status.
+pub fn fail_closed_effect(policy: &Policy) -> &'static str {
+    match policy.action {
+        Action::Deny => "until it is fixed, the workloads it selects refuse every connection",
+        Action::Allow => "until it is fixed, it allows nothing: the workloads it selects stay default-deny",
+    }
+}
+
+fn check_selector(selector: &Labels) -> Result<(), Invalid> {
+    for (key, value) in selector {
+        let field = format!("spec.selector.matchLabels.{key}");
+        check_label_key(&field, key)?;
+        if !is_label_value(value) {
+            return Err(Invalid::new(
+                field,
+                format!("{value:?} is not a valid label value"),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Istio writes principals without the scheme (`cluster.local/ns/x/sa/y`); both forms are

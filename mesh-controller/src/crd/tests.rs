@@ -208,7 +208,7 @@ fn documents(dir: &Path) -> Vec<(String, Value)> {
     let mut out = Vec::new();
     for path in files {
         let text = std::fs::read_to_string(&path).unwrap();
-        for doc in serde_yaml::Deserializer::from_str(&text) {
+        for doc in serde_norway::Deserializer::from_str(&text) {
             let value: Value = serde::Deserialize::deserialize(doc).unwrap();
             if !value.is_null() {
                 out.push((path.file_name().unwrap().to_string_lossy().into_owned(), value));

@@ -7,6 +7,7 @@ use std::future::Future;
 use std::path::PathBuf;
 
 use mesh_api::client::NODE_HEADER;
+use mesh_api::secret_files::{self, SecretFileError};
 use ring::digest::{digest, SHA256};
 use subtle::ConstantTimeEq;
 use tonic::metadata::MetadataMap;
@@ -60,14 +61,17 @@ pub trait NodeAuthenticator: Send + Sync + 'static {
 }
 
 /// Tokens in files, read at each call so nodes can be added or their tokens rotated while
-/// the controller runs.
+/// the controller runs (write the new token beside it and rename it into place). A token
+/// file is a secret: one others may read, or a symbolic link, is refused.
 pub struct TokenFiles {
     dir: PathBuf,
 }
 
 impl TokenFiles {
-    pub fn new(dir: PathBuf) -> Self {
-        TokenFiles { dir }
+    /// Refuses a directory others could plant tokens in (see [`secret_files::check_private_dir`]).
+    pub fn new(dir: PathBuf) -> Result<Self, SecretFileError> {
+        secret_files::check_private_dir(&dir)?;
+        Ok(TokenFiles { dir })
     }
 }
 
@@ -80,9 +84,14 @@ impl NodeAuthenticator for TokenFiles {
         if !is_node_name(&node) {
             return Err(AuthError::InvalidNode(node));
         }
-        let expected = match tokio::fs::read_to_string(self.dir.join(&node)).await {
-            Ok(text) => text.trim().to_owned(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(AuthError::UnknownNode(node)),
+        let path = self.dir.join(&node);
+        let read = tokio::task::spawn_blocking(move || secret_files::read_secret(&path)).await;
+        let expected = match read {
+            Ok(Ok(text)) => text.trim().to_owned(),
+            Ok(Err(SecretFileError::Io { source, .. })) if source.kind() == std::io::ErrorKind::NotFound => {
+                return Err(AuthError::UnknownNode(node))
+            }
+            Ok(Err(e)) => return Err(AuthError::Unavailable(format!("token of node {node}: {e}"))),
             Err(e) => return Err(AuthError::Unavailable(format!("token of node {node}: {e}"))),
         };
         if expected.is_empty() {
@@ -127,6 +136,8 @@ pub async fn authenticate<A: NodeAuthenticator>(
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     fn creds(node: Option<&str>, token: Option<&str>) -> Credentials {
@@ -139,9 +150,20 @@ mod tests {
     #[tokio::test]
     async fn token_files() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("node-a"), "s3cret\n").unwrap();
-        std::fs::write(dir.path().join("node-e"), "\n").unwrap();
-        let auth = TokenFiles::new(dir.path().to_owned());
+        secret_files::create_secret(&dir.path().join("node-a"), b"s3cret\n").unwrap();
+        secret_files::create_secret(&dir.path().join("node-e"), b"\n").unwrap();
+        // Others may read it: whoever can, can be node-r.
+        std::fs::write(dir.path().join("node-r"), "s3cret\n").unwrap();
+        std::fs::set_permissions(dir.path().join("node-r"), PermissionsExt::from_mode(0o644)).unwrap();
+        std::os::unix::fs::symlink(dir.path().join("node-a"), dir.path().join("node-l")).unwrap();
+        let auth = TokenFiles::new(dir.path().to_owned()).unwrap();
+        for node in ["node-r", "node-l"] {
+            let refused = auth.authenticate(creds(Some(node), Some("s3cret"))).await;
+            assert!(
+                matches!(refused, Err(AuthError::Unavailable(_))),
+                "{node}: {refused:?}"
+            );
+        }
         let cases = [
             (creds(Some("node-a"), Some("s3cret")), Ok("node-a".to_owned())),
             (
@@ -175,6 +197,18 @@ mod tests {
             let what = format!("{credentials:?}");
             assert_eq!(auth.authenticate(credentials).await, want, "{what}");
         }
+    }
+
+    #[test]
+    fn a_token_directory_others_can_write_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), PermissionsExt::from_mode(0o777)).unwrap();
+        let err = TokenFiles::new(dir.path().to_owned()).err().expect("refused");
+        let text = err.to_string();
+        assert!(
+            text.contains(&dir.path().display().to_string()) && text.contains("chmod go-w"),
+            "{text}"
+        );
     }
 
     #[test]

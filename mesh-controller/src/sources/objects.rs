@@ -338,3 +338,56 @@ impl AuthorizationPolicyDoc {
         crd::to_policy(self.metadata.namespace(), &self.metadata.name, &self.spec)
     }
 }
+
+/// One AuthorizationPolicy as read: the policy the nodes enforce, and, when that is not the
+/// policy as written because it does not convert, why. A policy that does not convert is
+/// never left out (leaving a DENY out would open what it closes): its fail-closed stand-in
+/// ([`crd::fail_closed`]) takes its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyRead {
+    pub enforced: Policy,
+    pub invalid: Option<Invalid>,
+}
+
+impl PolicyRead {
+    /// `doc` is the whole object as either source holds it (at least metadata and spec).
+    pub fn from_doc(doc: serde_json::Value) -> PolicyRead {
+        let text = |v: Option<&serde_json::Value>| v.and_then(serde_json::Value::as_str).map(str::to_owned);
+        let metadata = doc.get("metadata");
+        let namespace =
+            text(metadata.and_then(|m| m.get("namespace"))).unwrap_or_else(|| "default".to_owned());
+        let name = text(metadata.and_then(|m| m.get("name"))).unwrap_or_default();
+        let spec = doc.get("spec").cloned().unwrap_or(serde_json::Value::Null);
+        let converted = serde_path_to_error::deserialize::<_, AuthorizationPolicyDoc>(doc)
+            .map_err(|e| {
+                let field = e.path().to_string();
+                // The path of an error at the top is ".", which says nothing.
+                let field = if field == "." { String::new() } else { field };
+                invalid(field, e.into_inner().to_string())
+            })
+            .and_then(AuthorizationPolicyDoc::into_policy);
+        match converted {
+            Ok(policy) => PolicyRead {
+                enforced: policy,
+                invalid: None,
+            },
+            Err(why) => PolicyRead::refused(&namespace, &name, &spec, why),
+        }
+    }
+
+    /// A policy known to be one, but unreadable as a whole: the stand-in from what can be
+    /// read of `spec`.
+    pub fn refused(namespace: &str, name: &str, spec: &serde_json::Value, why: Invalid) -> PolicyRead {
+        PolicyRead {
+            enforced: crd::fail_closed(namespace, name, spec),
+            invalid: Some(why),
+        }
+    }
+
+    /// What the nodes enforce instead of the policy as written, when they do.
+    pub fn effect(&self) -> Option<&'static str> {
+        self.invalid
+            .as_ref()
+            .map(|_| crd::fail_closed_effect(&self.enforced))
+    }
+}

@@ -363,3 +363,32 @@ fn mtls_label_values() {
         assert_eq!(parse_mtls_mode(value), want, "{value:?}");
     }
 }
+
+#[test]
+fn a_fail_closed_stand_in_reaches_the_nodes_it_selects() {
+    let mut s = cluster();
+    s.policies.clear();
+    let stand_in = crate::crd::fail_closed(
+        "shop",
+        "broken",
+        &serde_json::json!({"action": "DENY", "selector": {"matchLabels": {"app": "cart"}}}),
+    );
+    s.policies.insert(stand_in.key(), stand_in.clone());
+    let a = node_view(&s, "node-a", &td());
+    let b = node_view(&s, "node-b", &td());
+    assert!(a.policies.is_empty(), "selects no pod on node-a");
+    assert_eq!(b.policies.values().collect::<Vec<_>>(), [&stand_in]);
+
+    // Its selector unreadable: the whole namespace, so every node with a pod of it.
+    let wide = crate::crd::fail_closed(
+        "shop",
+        "broken",
+        &serde_json::json!({"action": "DENY", "selector": {"matchLabels": {"-app": "cart"}}}),
+    );
+    s.policies.insert(wide.key(), wide.clone());
+    for node in ["node-a", "node-b"] {
+        let view = node_view(&s, node, &td());
+        assert_eq!(view.policies.values().collect::<Vec<_>>(), [&wide], "{node}");
+        assert_eq!(view.policies[&wide.key()].rules, [mesh_api::Rule::default()]);
+    }
+}

@@ -26,10 +26,32 @@ async fn one_leader_at_a_time_and_a_takeover_when_it_goes() {
     let b = tokio::spawn(leader::run(fake.client("b"), config("replica-b"), tx_b));
     let wait = Duration::from_secs(10);
     eventually(wait, "a leader", || async { *rx_a.borrow() || *rx_b.borrow() }).await;
-    // Never two at once, over a few renewals.
-    for _ in 0..20 {
-        assert!(!(*rx_a.borrow() && *rx_b.borrow()), "two leaders");
-        tokio::time::sleep(Duration::from_millis(25)).await;
+    // Never two at once, over a few renewals: checked at every change either replica reports,
+    // until the lease's renewTime has moved three times.
+    let renewed =
+        || fake.get("leases", "mesh-system", "mesh-controller").unwrap()["spec"]["renewTime"].clone();
+    let (mut seen_a, mut seen_b) = (rx_a.clone(), rx_b.clone());
+    let mut renewals = vec![renewed()];
+    let deadline = tokio::time::Instant::now() + wait;
+    while renewals.len() < 4 {
+        assert!(
+            !(*seen_a.borrow_and_update() && *seen_b.borrow_and_update()),
+            "two leaders"
+        );
+        let now = renewed();
+        if renewals.last() != Some(&now) {
+            renewals.push(now);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "three renewals; saw {renewals:?}"
+        );
+        tokio::select! {
+            _ = seen_a.changed() => {}
+            _ = seen_b.changed() => {}
+            // The fake has no watch on leases: look at the renewal again after a while.
+            _ = tokio::time::sleep(Duration::from_millis(10)) => {}
+        }
     }
     let (leader_task, follower_rx, follower) = if *rx_a.borrow() {
         (a, rx_b, "replica-b")

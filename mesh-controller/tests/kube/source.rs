@@ -1,7 +1,6 @@
 //! The Kubernetes source on the fake API server.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::{NamespacedName, TrustDomain};
@@ -15,8 +14,8 @@ use tokio::sync::watch;
 use crate::fake::{FakeApi, Verb};
 use crate::*;
 
-struct Running {
-    store: Arc<Store>,
+pub(crate) struct Running {
+    pub store: Arc<Store>,
     leading: watch::Sender<bool>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -27,7 +26,7 @@ impl Drop for Running {
     }
 }
 
-fn start(fake: &FakeApi, replica: &str, leading: bool) -> Running {
+pub(crate) fn start(fake: &FakeApi, replica: &str, leading: bool) -> Running {
     let store = Arc::new(Store::new(format!("epoch-{replica}")));
     let (tx, rx) = watch::channel(leading);
     let options = Options {
@@ -49,7 +48,7 @@ fn start(fake: &FakeApi, replica: &str, leading: bool) -> Running {
     }
 }
 
-fn seed(fake: &FakeApi) {
+pub(crate) fn seed(fake: &FakeApi) {
     fake.apply("namespaces", namespace("shop", true));
     fake.apply("pods", pod("shop", "web-1", "node-a", "10.0.0.5"));
     fake.apply("services", service("shop", "web", "10.96.0.20"));
@@ -162,45 +161,40 @@ async fn nothing_is_published_before_every_kind_is_listed() {
     seed(&fake);
     fake.forbid(Verb::List, "authorizationpolicies");
     let run = start(&fake, "a", false);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(
-        run.store.latest().is_none(),
-        "a state without policies would drop them on the nodes"
-    );
+    // Every other kind listed, and the policies refused three times: the source has had the
+    // other lists in hand through two backoffs, time enough to publish if it were going to.
+    eventually(
+        WAIT,
+        "the other kinds listed, the policies refused thrice",
+        || async {
+            [
+                "/api/v1/namespaces",
+                "/api/v1/pods",
+                "/api/v1/services",
+                "/apis/discovery.k8s.io/v1/endpointslices",
+            ]
+            .iter()
+            .all(|path| lists(&fake, path) >= 1)
+                && lists(&fake, "/apis/mesh.dev/v1alpha1/authorizationpolicies") >= 3
+        },
+    )
+    .await;
     fake.allow_all();
     eventually(WAIT, "the first state", || async { run.store.latest().is_some() }).await;
-    assert_eq!(run.store.latest().unwrap().state.policies.len(), 1);
-}
-
-/// Collects log output for assertions.
-#[derive(Clone, Default)]
-struct Logs(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Logs {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap().extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Logs {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
-    }
+    // Versions count every publication from 1: had a state without the policies been
+    // published meanwhile, the one holding them would not be the first.
+    let first = run.store.latest().unwrap();
+    assert_eq!(
+        (first.number, first.state.policies.len()),
+        (1, 1),
+        "a state without policies would drop them on the nodes"
+    );
 }
 
 #[tokio::test]
 async fn keeps_the_last_state_when_rbac_refuses_and_says_what_was_refused() {
     let logs = Logs::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
+    let _guard = logs.capture();
 
     let fake = FakeApi::new();
     seed(&fake);
@@ -259,7 +253,7 @@ async fn a_slow_api_server_loses_no_event() {
     assert!(names.contains(&"late".to_owned()) && !names.contains(&"burst-00".to_owned()));
 }
 
-fn accepted(fake: &FakeApi, name: &str) -> Option<(String, String, String, i64)> {
+pub(crate) fn accepted(fake: &FakeApi, name: &str) -> Option<(String, String, String, i64)> {
     let object = fake.get("authorizationpolicies", "shop", name)?;
     let conditions = object["status"]["conditions"].as_array()?;
     let c = conditions.iter().find(|c| c["type"] == "Accepted")?;
@@ -271,11 +265,22 @@ fn accepted(fake: &FakeApi, name: &str) -> Option<(String, String, String, i64)>
     ))
 }
 
-fn status_writers(fake: &FakeApi) -> Vec<String> {
+/// Every status write so far: (replica, policy name).
+fn status_writes(fake: &FakeApi) -> Vec<(String, String)> {
     fake.calls()
         .iter()
-        .filter(|c| c.method == http::Method::PATCH && c.path.ends_with("/status"))
-        .map(|c| c.client.clone())
+        .filter_map(|c| {
+            let path = c.path.strip_suffix("/status")?;
+            let name = path.rsplit('/').next()?;
+            (c.method == http::Method::PATCH).then(|| (c.client.clone(), name.to_owned()))
+        })
+        .collect()
+}
+
+fn writes(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(c, n)| (c.to_string(), n.to_string()))
         .collect()
 }
 
@@ -317,16 +322,28 @@ async fn only_the_leader_writes_status_and_bad_policies_are_refused_whole() {
         assert!(state
             .policies
             .contains_key(&NamespacedName::new("shop", "web-from-cart")));
-        assert!(
-            !state
-                .policies
-                .contains_key(&NamespacedName::new("shop", "bad-key")),
-            "not applied at all"
+        let stand_in = &state.policies[&NamespacedName::new("shop", "bad-key")];
+        assert_eq!(
+            (stand_in.action, stand_in.rules.len()),
+            (mesh_api::Action::Allow, 0),
+            "none of it applied: its fail-closed stand-in allows nothing"
         );
     }
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let writers = status_writers(&fake);
-    assert_eq!(writers, ["a", "a"], "one write per policy, by the leader");
+    // A later policy sorted after both, its status written: the leader has gone over the
+    // first two again since, and written nothing more for them.
+    fake.apply(
+        "authorizationpolicies",
+        policy("shop", "zz-marker-1", json!({"action": "DENY"})),
+    );
+    eventually(WAIT, "the marker's status", || async {
+        accepted(&fake, "zz-marker-1").is_some()
+    })
+    .await;
+    assert_eq!(
+        status_writes(&fake),
+        writes(&[("a", "bad-key"), ("a", "web-from-cart"), ("a", "zz-marker-1")]),
+        "one write per policy, by the leader"
+    );
 
     // Leadership moves to b; a new generation gets its status from b.
     a.leading.send_replace(false);
@@ -340,8 +357,19 @@ async fn only_the_leader_writes_status_and_bad_policies_are_refused_whole() {
         accepted(&fake, "web-from-cart").is_some_and(|a| a.3 == 2)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(status_writers(&fake), ["a", "a", "b"]);
+    fake.apply(
+        "authorizationpolicies",
+        policy("shop", "zz-marker-2", json!({"action": "DENY"})),
+    );
+    eventually(WAIT, "the second marker's status", || async {
+        accepted(&fake, "zz-marker-2").is_some()
+    })
+    .await;
+    // b may not have seen a's last write when it took over, and write that status again;
+    // nothing else, and nothing more from a.
+    let mut since = status_writes(&fake).split_off(3);
+    since.retain(|w| *w != ("b".to_owned(), "zz-marker-1".to_owned()));
+    assert_eq!(since, writes(&[("b", "web-from-cart"), ("b", "zz-marker-2")]));
 
     // The bad policy gets fixed: accepted and applied.
     let mut fixed = fake.get("authorizationpolicies", "shop", "bad-key").unwrap();

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::client::{self, NodeCredentials, Target};
+use mesh_api::secret_files;
 use mesh_api::{pb, NodeMessage, TrustDomain, Update, Version};
 use mesh_controller::ca::Ca;
 use mesh_controller::server::auth::TokenFiles;
@@ -86,14 +87,14 @@ impl Harness {
         let tokens = dir.path().join("tokens");
         std::fs::create_dir_all(&cluster).unwrap();
         std::fs::create_dir_all(&tokens).unwrap();
-        std::fs::write(tokens.join("node-a"), "token-a\n").unwrap();
-        std::fs::write(tokens.join("node-b"), "token-b\n").unwrap();
+        secret_files::create_secret(&tokens.join("node-a"), b"token-a\n").unwrap();
+        secret_files::create_secret(&tokens.join("node-b"), b"token-b\n").unwrap();
         write_manifest(&cluster, "cluster.yaml", CLUSTER);
 
         let store = Arc::new(Store::new(random_epoch().unwrap()));
         let ca = Ca::load_or_create(&dir.path().join("ca"), DAY).unwrap();
         let root_pem = ca.root_pem().to_owned();
-        let auth = TokenFiles::new(tokens);
+        let auth = TokenFiles::new(tokens).unwrap();
         let ctl = Arc::new(Controller::new(
             store.clone(),
             Arc::new(ca),

@@ -1,6 +1,6 @@
 //! The few raw system calls aya 0.14 does not expose: link info with its cgroup and TCX
 //! fields, `BPF_LINK_CREATE` for cgroups and TCX, `BPF_LINK_DETACH`, `statfs` magic numbers,
-//! `flock`, interface names, and what kind of object a pin holds.
+//! interface names, and what kind of object a pin holds; and the lock on the pin directory.
 
 use std::{
     ffi::CString,
@@ -150,20 +150,17 @@ pub fn fs_magic(path: &Path) -> io::Result<i64> {
     Ok(st.f_type as i64)
 }
 
-/// An exclusive `flock` held until dropped.
+/// An exclusive `flock` held until dropped (`File::lock` is `flock(LOCK_EX)` on Linux).
 pub struct FileLock(fs::File);
 
 impl FileLock {
     pub fn exclusive(path: &Path) -> io::Result<FileLock> {
         let file = fs::File::open(path)?;
         loop {
-            // SAFETY: valid fd.
-            if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } == 0 {
-                return Ok(FileLock(file));
-            }
-            let err = io::Error::last_os_error();
-            if err.kind() != io::ErrorKind::Interrupted {
-                return Err(err);
+            match file.lock() {
+                Ok(()) => return Ok(FileLock(file)),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
             }
         }
     }
@@ -171,8 +168,8 @@ impl FileLock {
 
 impl Drop for FileLock {
     fn drop(&mut self) {
-        // SAFETY: valid fd; closing it would release the lock anyway.
-        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+        // Closing the file would release the lock too; unlocking says so where it happens.
+        let _ = self.0.unlock();
     }
 }
 
@@ -328,4 +325,20 @@ pub fn if_indextoname(index: u32) -> io::Result<String> {
     // SAFETY: on success the buffer holds a NUL-terminated name.
     let name = unsafe { std::ffi::CStr::from_ptr(buf.as_ptr()) };
     Ok(name.to_string_lossy().into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_excludes_until_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = FileLock::exclusive(dir.path()).unwrap();
+        // Another open file description, as another agent process would have.
+        let other = fs::File::open(dir.path()).unwrap();
+        assert!(matches!(other.try_lock(), Err(fs::TryLockError::WouldBlock)));
+        drop(held);
+        other.try_lock().unwrap();
+    }
 }

@@ -111,7 +111,8 @@ impl Source for FileSource {
     }
 }
 
-/// Reads every manifest under `dir`; problems are logged, their objects left out.
+/// Reads every manifest under `dir`; problems are logged, their objects left out (policies:
+/// replaced by their fail-closed stand-ins).
 fn load(dir: &Path) -> ClusterState {
     let (files, unreadable) = mesh_api::manifests::files(dir);
     for (dir, e) in unreadable {
@@ -132,8 +133,9 @@ fn load(dir: &Path) -> ClusterState {
             line = p.line,
             object = p.object.as_deref().unwrap_or("?"),
             field = p.field.as_deref().unwrap_or("-"),
-            "{}",
-            p.message
+            "{}; {}",
+            p.message,
+            p.fail_closed.unwrap_or("skipped")
         );
     }
     tracing::debug!(

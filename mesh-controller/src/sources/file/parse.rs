@@ -1,5 +1,6 @@
 //! YAML text → cluster state. Every object left out leaves a [`Problem`] naming the file,
-//! the line its document starts on, the object and the field; the rest is kept.
+//! the line its document starts on, the object and the field; the rest is kept. A policy
+//! that does not convert is not left out but replaced by its fail-closed stand-in.
 
 use std::collections::btree_map::{BTreeMap, Entry};
 use std::fmt;
@@ -7,7 +8,7 @@ use std::fmt;
 use mesh_api::manifests::{documents, Document};
 use mesh_api::NamespacedName;
 use serde::de::DeserializeOwned;
-use serde_yaml::Value;
+use serde_norway::Value;
 
 use crate::cluster::ClusterState;
 use crate::sources::objects::*;
@@ -21,6 +22,9 @@ pub struct Problem {
     pub object: Option<String>,
     pub field: Option<String>,
     pub message: String,
+    /// What is enforced in place of the object, when it is not simply left out: the
+    /// fail-closed stand-in of a policy ([`crate::crd::fail_closed`]).
+    pub fail_closed: Option<&'static str>,
 }
 
 impl fmt::Display for Problem {
@@ -32,7 +36,7 @@ impl fmt::Display for Problem {
         if let Some(field) = &self.field {
             write!(f, "{field}: ")?;
         }
-        write!(f, "{}; skipped", self.message)
+        write!(f, "{}; {}", self.message, self.fail_closed.unwrap_or("skipped"))
     }
 }
 
@@ -63,7 +67,7 @@ impl Loader {
             };
             // Leading newlines keep the parser's line numbers those of the whole file.
             let padded = "\n".repeat(first_line) + document;
-            match serde_yaml::from_str::<Value>(&padded) {
+            match serde_norway::from_str::<Value>(&padded) {
                 Ok(Value::Null) => {}
                 Ok(value) => self.add_object(&at, "", value),
                 Err(e) => self.problem(&at, None, None, e.to_string()),
@@ -95,6 +99,8 @@ impl Loader {
             _ => Some(format!("{kind} {namespace}/{name}")),
         };
         let key = NamespacedName::new(namespace, name);
+        // What is enforced in place of an object that does not convert, when something is.
+        let mut effect = None;
         let added = match (api_version.as_str(), kind.as_str()) {
             ("v1", "List") => {
                 let items = value
@@ -122,9 +128,20 @@ impl Loader {
             ("discovery.k8s.io/v1", "EndpointSlice") => decode::<EndpointSliceDoc>(value)
                 .and_then(EndpointSliceDoc::into_slice)
                 .and_then(|slice| insert(&mut self.state.endpoint_slices, key, slice)),
-            ("mesh.dev/v1alpha1", "AuthorizationPolicy") => decode::<AuthorizationPolicyDoc>(value)
-                .and_then(AuthorizationPolicyDoc::into_policy)
-                .and_then(|policy| insert(&mut self.state.policies, key, policy)),
+            ("mesh.dev/v1alpha1", "AuthorizationPolicy") => {
+                let read = match serde_json::to_value(&value) {
+                    Ok(doc) => PolicyRead::from_doc(doc),
+                    // Such as a map key that is not a string: nothing of the spec is readable.
+                    Err(e) => PolicyRead::refused(
+                        &key.namespace,
+                        &key.name,
+                        &serde_json::Value::Null,
+                        Invalid::new("", e.to_string()),
+                    ),
+                };
+                effect = read.effect();
+                insert(&mut self.state.policies, key, read.enforced).and(read.invalid.map_or(Ok(()), Err))
+            }
             _ => Err(Invalid {
                 field: "kind".into(),
                 message: format!("unsupported kind {kind:?} of apiVersion {api_version:?}"),
@@ -136,18 +153,27 @@ impl Loader {
             } else {
                 Some(format!("{prefix}{field}"))
             };
-            self.problem(at, object, field, message);
+            self.problems.push(Problem {
+                fail_closed: effect,
+                ..self.problem_at(at, object, field, message)
+            });
         }
     }
 
     fn problem(&mut self, at: &At, object: Option<String>, field: Option<String>, message: String) {
-        self.problems.push(Problem {
+        let problem = self.problem_at(at, object, field, message);
+        self.problems.push(problem);
+    }
+
+    fn problem_at(&self, at: &At, object: Option<String>, field: Option<String>, message: String) -> Problem {
+        Problem {
             file: at.file.to_owned(),
             line: at.line,
             object,
             field,
             message,
-        });
+            fail_closed: None,
+        }
     }
 }
 

@@ -8,13 +8,12 @@ use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::DynamicObject;
 use kube::ResourceExt;
-use mesh_api::Policy;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::cluster::{self, Invalid};
 use crate::crd::AuthorizationPolicyStatus;
-use crate::sources::objects::{AuthorizationPolicyDoc, EndpointSliceDoc, NamespaceDoc, PodDoc, ServiceDoc};
+use crate::sources::objects::{EndpointSliceDoc, NamespaceDoc, PodDoc, PolicyRead, ServiceDoc};
 
 fn decode<T: DeserializeOwned>(value: serde_json::Value) -> Result<T, Invalid> {
     serde_path_to_error::deserialize(value).map_err(|e| {
@@ -75,7 +74,8 @@ pub fn endpoint_slice(slice: &EndpointSlice) -> Result<Option<cluster::EndpointS
 pub struct PolicyObject {
     pub uid: Option<String>,
     pub generation: Option<i64>,
-    pub policy: Result<Policy, Invalid>,
+    /// What the nodes enforce: the policy, or its fail-closed stand-in.
+    pub read: PolicyRead,
     /// The status as last written; `None` when absent or unreadable.
     pub status: Option<AuthorizationPolicyStatus>,
 }
@@ -88,7 +88,6 @@ pub fn policy(object: &DynamicObject) -> PolicyObject {
         },
         "spec": object.data.get("spec").cloned().unwrap_or(serde_json::Value::Null),
     });
-    let policy = decode::<AuthorizationPolicyDoc>(doc).and_then(AuthorizationPolicyDoc::into_policy);
     let status = object
         .data
         .get("status")
@@ -96,7 +95,7 @@ pub fn policy(object: &DynamicObject) -> PolicyObject {
     PolicyObject {
         uid: object.metadata.uid.clone(),
         generation: object.metadata.generation,
-        policy,
+        read: PolicyRead::from_doc(doc),
         status,
     }
 }
@@ -146,18 +145,20 @@ mod tests {
         })));
         assert_eq!(good.generation, Some(3));
         assert_eq!(good.status.unwrap().observed_generation, Some(2));
-        let p = good.policy.unwrap();
+        assert_eq!(good.read.invalid, None);
+        let p = good.read.enforced;
         assert_eq!(p.action, mesh_api::Action::Deny);
         assert_eq!(p.rules[0].to[0].ports, [8080]);
 
         let bad = policy(&object(serde_json::json!({
             "rules": [{"to": [{"operation": {"ports": ["8080", "70000"]}}]}],
         })));
-        let err = bad.policy.unwrap_err();
+        let err = bad.read.invalid.unwrap();
         assert_eq!(err.field, "spec.rules[0].to[0].operation.ports[1]");
         let unknown = policy(&object(serde_json::json!({"rules": [{"when": []}]})))
-            .policy
-            .unwrap_err();
+            .read
+            .invalid
+            .unwrap();
         assert_eq!(unknown.field, "spec.rules[0].when");
     }
 }

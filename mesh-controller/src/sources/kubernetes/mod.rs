@@ -13,7 +13,8 @@
 //!   on which resource failed and retry; the store keeps the last state and nodes keep
 //!   being served from it.
 //! - Policies are read untyped and converted one by one: a policy that does not convert is
-//!   left out whole, and the leader's status writer ([`status`]) says why on the object.
+//!   replaced whole by its fail-closed stand-in ([`crate::crd::fail_closed`]), and the
+//!   leader's status writer ([`status`]) says why, and what is enforced instead, on the object.
 
 pub mod convert;
 pub mod leader;
@@ -31,7 +32,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject};
 use kube::runtime::watcher::Event;
-use kube::{Api, Client, Resource};
+use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::watch as signal;
 use tokio::time::Instant;
 
@@ -105,7 +106,7 @@ struct Mirrors {
 }
 
 /// Converts, and reports what does not convert when it arrives (not at every publish).
-fn checked<K: kube::ResourceExt, T>(
+fn checked<K: ResourceExt, T>(
     kind: &'static str,
     convert: fn(&K) -> Converted<T>,
 ) -> impl Fn(&K) -> Converted<T> {
@@ -123,6 +124,20 @@ fn checked<K: kube::ResourceExt, T>(
     }
 }
 
+/// Converts a policy, and says when it arrives what the nodes enforce if it does not convert.
+fn checked_policy(object: &DynamicObject) -> PolicyObject {
+    let converted = convert::policy(object);
+    if let (Some(invalid), Some(effect)) = (&converted.read.invalid, converted.read.effect()) {
+        tracing::warn!(
+            object = %format!("AuthorizationPolicy {}/{}", object.namespace().unwrap_or_default(), object.name_any()),
+            field = %invalid.field,
+            "{}; {effect}",
+            invalid.message
+        );
+    }
+    converted
+}
+
 impl Mirrors {
     fn apply(&mut self, change: Change) -> bool {
         match change {
@@ -134,7 +149,7 @@ impl Mirrors {
             Change::EndpointSlice(e) => self
                 .slices
                 .apply(*e, checked("EndpointSlice", convert::endpoint_slice)),
-            Change::Policy(e) => self.policies.apply(*e, convert::policy),
+            Change::Policy(e) => self.policies.apply(*e, checked_policy),
         }
     }
 
@@ -168,9 +183,7 @@ impl Mirrors {
             state.endpoint_slices.insert(key.clone(), slice.clone());
         }
         for (key, object) in self.policies.iter() {
-            if let Ok(policy) = &object.policy {
-                state.policies.insert(key.clone(), policy.clone());
-            }
+            state.policies.insert(key.clone(), object.read.enforced.clone());
         }
         state
     }

@@ -1,6 +1,6 @@
 //! AuthorizationPolicy status: `Accepted=True` for a policy in force, `Accepted=False` with
-//! reason `Invalid` and the field at fault for one refused whole, both with the generation
-//! they describe. Written only by the leader, only when it differs from what the object
+//! reason `Invalid`, the field at fault and what the nodes enforce instead (its fail-closed
+//! stand-in) for one refused whole, both with the generation they describe. Written only by the leader, only when it differs from what the object
 //! already says, through the status subresource (JSON merge patch).
 
 use std::collections::{BTreeMap, HashMap};
@@ -28,13 +28,9 @@ pub const REASON_INVALID: &str = "Invalid";
 /// The status `object` should carry, or `None` when it already does. `now` stamps a
 /// condition whose status changes.
 pub fn wanted(object: &PolicyObject, now: Timestamp) -> Option<AuthorizationPolicyStatus> {
-    let (status, reason, message) = match &object.policy {
-        Ok(_) => ("True", REASON_ACCEPTED, "the policy is in force".to_owned()),
-        Err(invalid) => (
-            "False",
-            REASON_INVALID,
-            format!("{invalid}; the policy is not applied (none of it)"),
-        ),
+    let (status, reason, message) = match (&object.read.invalid, object.read.effect()) {
+        (Some(invalid), Some(effect)) => ("False", REASON_INVALID, format!("{invalid}; {effect}")),
+        _ => ("True", REASON_ACCEPTED, "the policy is in force".to_owned()),
     };
     let current = object.status.clone().unwrap_or_default();
     let previous = current.accepted();
@@ -91,7 +87,11 @@ pub async fn run_writer(
                     written.remove(key);
                     continue;
                 };
-                let memo = (object.uid.clone(), object.generation, object.policy.is_ok());
+                let memo = (
+                    object.uid.clone(),
+                    object.generation,
+                    object.read.invalid.is_none(),
+                );
                 if written.get(key) == Some(&memo) {
                     continue;
                 }
@@ -102,7 +102,7 @@ pub async fn run_writer(
                     .await
                 {
                     Ok(_) => {
-                        tracing::info!(policy = %key, accepted = object.policy.is_ok(), "wrote policy status");
+                        tracing::info!(policy = %key, accepted = object.read.invalid.is_none(), "wrote policy status");
                         written.insert(key.clone(), memo);
                     }
                     // Deleted meanwhile: its watch event is on the way.
@@ -134,16 +134,24 @@ mod tests {
 
     use super::*;
     use crate::cluster::Invalid;
+    use crate::sources::objects::PolicyRead;
 
     fn object(
         policy: Result<Policy, Invalid>,
         generation: i64,
         status: Option<AuthorizationPolicyStatus>,
     ) -> PolicyObject {
+        let read = match policy {
+            Ok(policy) => PolicyRead {
+                enforced: policy,
+                invalid: None,
+            },
+            Err(why) => PolicyRead::refused("shop", "p", &serde_json::json!({"action": "DENY"}), why),
+        };
         PolicyObject {
             uid: Some("u".into()),
             generation: Some(generation),
-            policy,
+            read,
             status,
         }
     }
@@ -195,7 +203,9 @@ mod tests {
         let c = refused.accepted().unwrap();
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("False", REASON_INVALID));
         assert!(
-            c.message.starts_with("spec.selector.matchLabels.-x: bad key"),
+            c.message
+                .starts_with("spec.selector.matchLabels.-x: bad key; until it is fixed")
+                && c.message.contains("refuse every connection"),
             "{}",
             c.message
         );

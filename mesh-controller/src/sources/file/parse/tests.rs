@@ -220,10 +220,11 @@ fn problems_name_the_field() {
         assert_eq!(problem.field.as_deref(), field, "{yaml}: {problem}");
         assert!(problem.message.contains(message), "{yaml}: {problem}");
         assert_eq!(problem.file, "f.yaml");
-        assert!(
-            state.pods.is_empty() && state.services.is_empty() && state.policies.is_empty(),
-            "{yaml}"
-        );
+        assert!(state.pods.is_empty() && state.services.is_empty(), "{yaml}");
+        // A policy is never left out: its fail-closed stand-in takes its place.
+        let is_policy = yaml.contains("kind: AuthorizationPolicy");
+        assert_eq!(state.policies.len(), usize::from(is_policy), "{yaml}");
+        assert_eq!(problem.fail_closed.is_some(), is_policy, "{yaml}");
     }
 }
 
@@ -253,4 +254,48 @@ fn a_bad_document_spoils_only_itself() {
     assert!(problems[1]
         .to_string()
         .starts_with("b.yaml:1: Namespace shop: another object"));
+}
+
+#[test]
+fn a_policy_that_does_not_convert_is_enforced_fail_closed() {
+    let deny = "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: no-ops, namespace: shop}\nspec:\n  action: DENY\n  selector: {matchLabels: {app: web}}\n  rules: [{to: [{operation: {ports: ['8080', 'http']}}]}]\n";
+    let allow = "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: cart-only, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  rules: [{from: [{source: {principals: ['*']}}]}]\n";
+    let bad_selector = "apiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: bad-key, namespace: shop}\nspec: {action: DENY, selector: {matchLabels: {-app: web}}}\n";
+    let (state, problems) = load(&[
+        ("deny.yaml", deny),
+        ("allow.yaml", allow),
+        ("key.yaml", bad_selector),
+    ]);
+
+    let deny = &state.policies[&NamespacedName::new("shop", "no-ops")];
+    assert_eq!(deny.action, Action::Deny);
+    assert_eq!(deny.selector, [("app".to_owned(), "web".to_owned())].into());
+    assert_eq!(
+        deny.rules,
+        [mesh_api::Rule::default()],
+        "one rule that matches every connection"
+    );
+    let allow = &state.policies[&NamespacedName::new("shop", "cart-only")];
+    assert_eq!(
+        (allow.action, allow.rules.len()),
+        (Action::Allow, 0),
+        "allows nothing"
+    );
+    let bad_key = &state.policies[&NamespacedName::new("shop", "bad-key")];
+    assert!(bad_key.selector.is_empty(), "the whole namespace");
+    assert_eq!(bad_key.action, Action::Deny);
+
+    let said: Vec<String> = problems.iter().map(ToString::to_string).collect();
+    assert_eq!(said.len(), 3, "{said:?}");
+    assert!(
+        said[0].starts_with(
+            "deny.yaml:1: AuthorizationPolicy shop/no-ops: spec.rules[0].to[0].operation.ports[1]: "
+        ) && said[0].ends_with("the workloads it selects refuse every connection"),
+        "{}",
+        said[0]
+    );
+    assert!(
+        said[1].contains("spec.rules[0].from[0].source.principals[0]") && said[1].contains("default-deny")
+    );
+    assert!(said[2].contains("spec.selector.matchLabels.-app"));
 }
