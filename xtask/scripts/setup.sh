@@ -12,7 +12,7 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 APT=(apt-get -o DPkg::Lock::Timeout=600 -y -q)
-PKGS=(rustc-web cargo-web rust-web-src bpftool iproute2 iputils-ping wrk iperf3 nghttp2-client curl tcpdump nghttp2-server python3 openssl nginx socat)
+PKGS=(rustc-web cargo-web rust-web-src bpftool iproute2 iputils-ping wrk iperf3 nghttp2-client curl tcpdump nghttp2-server python3 openssl nginx socat nftables)
 
 missing=()
 for p in "${PKGS[@]}"; do
