@@ -4,14 +4,14 @@
 //! (the kubelet's probes) still get in. Evidence: SYN-ACKs (or their absence) on the wire, the
 //! echo server's accepts, and the kernel's counters (`permissive_dropped`,
 //! `permissive_allowed_node`) read from the agent's metrics.
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 
 use mesh_harness::agent::Agent;
-use mesh_harness::app::{echo_server, testapp};
+use mesh_harness::app::{accept_peer, echo_server, testapp};
 use mesh_harness::controller::{namespace_yaml, pod_yaml, Controller};
 use mesh_harness::frames::{self, RawSocket, Syn};
 use mesh_harness::{wait_until, Cluster, Node, Pod, Proc};
@@ -21,6 +21,8 @@ const APP: u16 = 8080;
 /// A made-up Service VIP and port, DNAT'd by the node to the server's `APP`.
 const VIP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 10);
 const VIP_PORT: u16 = 80;
+/// A port the agent excludes from capture in [`an_enrolled_pods_excluded_port_to_a_permissive_pod_goes_through_the_plaintext_listener`].
+const EXCLUDED: u16 = 9090;
 
 /// One node: `server` (an echo server on `APP`) in `shop`, `outsider` in `plain` (never
 /// enrolled).
@@ -35,14 +37,19 @@ struct World {
 }
 
 fn world(name: &str) -> Result<World> {
+    world_with(name, &[])
+}
+
+/// [`world`] with extra arguments for the agent.
+fn world_with(name: &str, agent_args: &[&str]) -> Result<World> {
     let cluster = Cluster::new(name)?;
     let node = cluster.add_node("a")?;
     let server = cluster.add_pod("a", "server")?;
     let outsider = cluster.add_pod("a", "outsider")?;
     let controller = Controller::start(&cluster, &[])?;
-    let mut agent = Agent::new(&node, &controller, &[])?;
+    let mut agent = Agent::new(&node, &controller, agent_args)?;
     agent.start(&cluster)?;
-    let echo = echo_server(&cluster, &server, &[APP])?;
+    let echo = echo_server(&cluster, &server, &[APP, EXCLUDED])?;
     let mut plain = namespace_yaml("plain", &[]);
     plain.push_str("---\n");
     plain.push_str(&pod_yaml(&outsider, "plain", "default", &[]));
@@ -61,17 +68,24 @@ fn world(name: &str) -> Result<World> {
 }
 
 impl World {
-    /// (Re)writes namespace `shop` with the server, enrolled PERMISSIVE or not enrolled.
-    fn shop(&self, enrolled: bool) -> Result<()> {
+    /// (Re)writes namespace `shop` with the server and `members`, enrolled PERMISSIVE or not
+    /// enrolled.
+    fn shop_with(&self, enrolled: bool, members: &[&Pod]) -> Result<()> {
         let labels: &[(&str, &str)] = if enrolled {
             &[("mesh.dev/enroll", "true"), ("mesh.dev/mtls", "permissive")]
         } else {
             &[]
         };
         let mut yaml = namespace_yaml("shop", labels);
-        yaml.push_str("---\n");
-        yaml.push_str(&pod_yaml(&self.server, "shop", "server", &[("app", "server")]));
+        for pod in std::iter::once(&self.server).chain(members.iter().copied()) {
+            yaml.push_str("---\n");
+            yaml.push_str(&pod_yaml(pod, "shop", &pod.name, &[("app", &pod.name)]));
+        }
         self.controller.apply("shop", &yaml)
+    }
+
+    fn shop(&self, enrolled: bool) -> Result<()> {
+        self.shop_with(enrolled, &[])
     }
 
     /// Enrolls `shop` and waits until the outsider's plaintext is steered through the proxy:
@@ -243,7 +257,11 @@ fn a_service_vip_dnated_by_the_node_does_not_go_around_the_proxy() -> Result<()>
         w.exchange(Some(&w.outsider), vip)?,
         "the VIP works before the pod is meshed"
     );
-    ensure!(w.accepts() > accepted, "the VIP's connection reached the app");
+    wait_until(WAIT, "the app's accept of the VIP's connection", || {
+        (w.accepts() > accepted)
+            .then_some(())
+            .ok_or(format!("{} accepts", w.accepts()))
+    })?;
 
     w.enroll()?;
     let dropped_before = w.event("permissive_dropped")?;
@@ -282,17 +300,56 @@ fn a_service_vip_dnated_by_the_node_does_not_go_around_the_proxy() -> Result<()>
 fn a_connection_from_the_node_itself_reaches_a_permissive_pod() -> Result<()> {
     let w = world("pveth-probe")?;
     w.enroll()?;
+    // Steering is on once `enroll` returns; the veth's link follows in the same round.
     let allowed_before = w.event("permissive_allowed_node")?;
-    let accepted = w.accepts();
+    wait_until(
+        WAIT,
+        "the node's connection to pass the pod's veth as the node's own",
+        || {
+            let accepted = w.accepts();
+            let ok = w.exchange(None, w.dst()).map_err(|e| format!("{e:#}"))?;
+            if !ok {
+                return Err("the node's connection to the PERMISSIVE pod failed".into());
+            }
+            if w.accepts() <= accepted {
+                return Err("the app did not accept the node's connection".into());
+            }
+            let allowed = w.event("permissive_allowed_node").map_err(|e| format!("{e:#}"))?;
+            (allowed > allowed_before)
+                .then_some(())
+                .ok_or(format!("permissive_allowed_node still {allowed}"))
+        },
+    )?;
+    Ok(())
+}
+
+/// An enrolled pod whose connection an exclusion leaves uncaptured (`--exclude-port`) is, as
+/// far as a PERMISSIVE pod of the same node is concerned, plaintext from outside the mesh: it
+/// goes through the plaintext listener (as it would from another node), neither around the
+/// proxy nor into the pod's veth to be dropped.
+#[test]
+fn an_enrolled_pods_excluded_port_to_a_permissive_pod_goes_through_the_plaintext_listener() -> Result<()> {
+    let w = world_with("pveth-excl", &["--exclude-port", &EXCLUDED.to_string()])?;
+    let client = w.cluster.add_pod("a", "client")?;
+    w.shop_with(true, &[&client])?;
+    w.agent.wait_enrolled(&[&w.server, &client])?;
+    let dst = SocketAddr::new(w.server.ipv4.into(), EXCLUDED);
+    let redirected_before = w.event("plain_redirected")?;
+    wait_until(
+        WAIT,
+        "the excluded port's connection to pass through the proxy",
+        || {
+            let ok = w.exchange(Some(&client), dst).map_err(|e| format!("{e:#}"))?;
+            let now = w.event("plain_redirected").map_err(|e| format!("{e:#}"))?;
+            (ok && now > redirected_before).then_some(()).ok_or(format!(
+                "exchange ok={ok}, plain_redirected {redirected_before} → {now}"
+            ))
+        },
+    )?;
+    let peer = accept_peer(&w.echo, w.accepts())?;
     ensure!(
-        w.exchange(None, w.dst())?,
-        "the node's connection to the PERMISSIVE pod passed"
-    );
-    ensure!(w.accepts() > accepted, "the app accepted it");
-    let allowed = w.event("permissive_allowed_node")?;
-    ensure!(
-        allowed > allowed_before,
-        "the pod's veth let it in as the node's own: permissive_allowed_node {allowed_before} → {allowed}"
+        peer.ip() != IpAddr::from(client.ipv4),
+        "the connection reached the pod around the proxy (the pod saw {peer})"
     );
     Ok(())
 }
