@@ -194,6 +194,22 @@ fn a_hand_made_syn_from_a_same_node_pod_does_not_reach_a_permissive_pod() -> Res
             "the server answered a hand-made SYN: {answer:?}"
         );
     }
+    // Fail-closed parsing holds for PERMISSIVE pods too: an 802.1Q-tagged SYN is dropped whole.
+    let strict_before = w.event("strict_dropped")?;
+    let mut tagged = Syn {
+        tags: vec![(frames::ETH_P_8021Q, 0)],
+        ..syn
+    };
+    tagged.src_port += 1;
+    raw.send(&tagged.frame())?;
+    let answer = raw.recv_matching(Duration::from_secs(1), |f| tagged.is_answered_by(f))?;
+    ensure!(answer.is_none(), "the server answered a tagged SYN: {answer:?}");
+    wait_until(WAIT, "the tagged SYN to be counted as dropped", || {
+        let now = w.event("strict_dropped").map_err(|e| format!("{e:#}"))?;
+        (now > strict_before)
+            .then_some(())
+            .ok_or(format!("strict_dropped still {now}"))
+    })?;
     // A plain TCP socket in the pod's netns but outside the pods' cgroup (no connect4 there):
     // its SYN is bridged to the server with the socket attached until it leaves the pod's
     // netns. Dropped all the same.
