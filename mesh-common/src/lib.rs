@@ -45,7 +45,8 @@ pub const PROG_SOCK_OPS: &str = "mesh_sockops";
 pub const PROG_GETSOCKOPT: &str = "mesh_getsockopt";
 /// tc ingress (TCX) on the node's uplink: marks inbound HBONE to local pods for capture.
 pub const PROG_TC_INBOUND: &str = "mesh_tc_inbound";
-/// tc egress (TCX) on a STRICT pod's host-side veth: drops SYNs that did not come from the proxy.
+/// tc egress (TCX) on an enrolled pod's host-side veth: drops SYNs that did not come from the
+/// proxy (into a PERMISSIVE pod, nor from a socket of the node).
 pub const PROG_TC_STRICT: &str = "mesh_tc_strict";
 
 /// Map sizes; user space checks pinned maps against them.
@@ -110,7 +111,7 @@ pub struct TcConfig {
     /// OR-ed into `skb->mark` of every inbound HBONE packet to a local pod (uplink ingress).
     /// The policy-routing rule matches `fwmark capture_mark/capture_mark`.
     pub capture_mark: u32,
-    /// What the proxy's upstream sockets carry (`SO_MARK`): a SYN into a STRICT pod passes
+    /// What the proxy's upstream sockets carry (`SO_MARK`): a SYN into an enrolled pod passes
     /// only if `mark & proxy_mask == proxy_mark`.
     pub proxy_mark: u32,
     pub proxy_mask: u32,
@@ -123,7 +124,8 @@ pub struct TcConfig {
 pub const LOCAL_IP_CAPTURE_INBOUND: u32 = 1 << 0;
 /// Value of `mesh_local_ips`: the pod is PERMISSIVE; steer plaintext TCP to it from outside the
 /// mesh (non-enrolled local pods through connect4/6, other hosts on the uplink) to the proxy's
-/// inbound plaintext listener, where policy applies.
+/// inbound plaintext listener, where policy applies. At the pod's veth, a SYN sent by a socket
+/// of the node passes as well as the proxy's; without this flag only the proxy's do.
 pub const LOCAL_IP_PERMISSIVE: u32 = 1 << 1;
 
 /// `Enrollment::flags`: capture this cgroup's (and its descendants') outbound TCP.
@@ -226,10 +228,11 @@ pub enum Counter {
     /// Packets the tc programs could not decide on because `mesh_tc_config` is unset (inbound
     /// lets them through unmarked; STRICT drops them).
     TcNoConfig,
-    /// Frames into a STRICT pod dropped: SYNs (and TCP fragments) not from the proxy, and
-    /// frames the program cannot parse (VLAN tags, other ethertypes).
+    /// Frames into an enrolled pod dropped at its veth: SYNs (and TCP fragments) into a STRICT
+    /// pod not from the proxy, and frames the program cannot parse (VLAN tags, other
+    /// ethertypes), whatever the pod's mode.
     StrictDropped,
-    /// SYNs into a STRICT pod let through: they carry the proxy's mark.
+    /// SYNs into an enrolled pod let through at its veth: they carry the proxy's mark.
     StrictAllowedProxy,
     /// Connects from outside the mesh to a local PERMISSIVE pod rewritten to the proxy's
     /// inbound plaintext listener (connect4/6).
@@ -239,10 +242,16 @@ pub enum Counter {
     /// ... of which the plaintext listener could not be found or assigned (the SYN goes on
     /// marked, to be dropped: nothing reaches the pod around the proxy).
     PlainNoListener,
+    /// SYNs into a local PERMISSIVE pod dropped at its veth: neither from the proxy nor from a
+    /// socket of the node (a pod's own SYN, a connection DNAT'd by the node).
+    PermissiveDropped,
+    /// SYNs into a local PERMISSIVE pod let through at its veth: sent by a socket of the node
+    /// (the kubelet's probes, host-network processes).
+    PermissiveAllowedNode,
 }
 
 /// Number of counters (entries of `mesh_counters`).
-pub const COUNTER_COUNT: u32 = 27;
+pub const COUNTER_COUNT: u32 = 29;
 
 /// Name of each counter, indexed by `Counter as usize`.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -273,10 +282,12 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "plain_redirected",
     "plain_steered",
     "plain_no_listener",
+    "permissive_dropped",
+    "permissive_allowed_node",
 ];
 
 // The counter list and its names must stay in step.
-const _: () = assert!(Counter::PlainNoListener as u32 + 1 == COUNTER_COUNT);
+const _: () = assert!(Counter::PermissiveAllowedNode as u32 + 1 == COUNTER_COUNT);
 const _: () = assert!(core::mem::size_of::<TcConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<Enrollment>() == 8);

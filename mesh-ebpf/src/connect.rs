@@ -1,6 +1,7 @@
 //! `cgroup/connect4` and `cgroup/connect6`: rewrite an enrolled cgroup's TCP connect to the
 //! node proxy's outbound listener, and a connect from outside the mesh (a pod that is not
-//! enrolled or opted out) to a local PERMISSIVE pod to the proxy's inbound plaintext listener;
+//! enrolled or opted out, or an enrolled pod's connect that an exclusion leaves uncaptured) to
+//! a local PERMISSIVE pod to the proxy's inbound plaintext listener;
 //! either way remember the original destination by socket cookie.
 //! Outbound capture fails open (the connect goes on uncaptured: better than breaking the app);
 //! plaintext steering fails closed (the connect is refused, EPERM): letting it through would
@@ -103,13 +104,20 @@ unsafe fn decide(
     if port == HBONE_PORT {
         return Verdict::Skip(Counter::SkipHbonePort);
     }
-    if port_excluded(port) {
-        return Verdict::Skip(Counter::SkipExcludedPort);
+    let excluded = if port_excluded(port) {
+        Counter::SkipExcludedPort
+    } else if cidr_excluded(*dst) {
+        Counter::SkipExcludedCidr
+    } else {
+        return Verdict::Outbound;
+    };
+    // Not captured, so plaintext from outside the mesh as far as the destination is concerned:
+    // into a PERMISSIVE pod of this node it goes through the plaintext listener, as it would
+    // from another node (the pod's veth drops it otherwise).
+    if cfg.inbound_plain_port != 0 && !is_proxy(cfg) && is_permissive_pod(dst) {
+        return Verdict::Plain;
     }
-    if cidr_excluded(*dst) {
-        return Verdict::Skip(Counter::SkipExcludedCidr);
-    }
-    Verdict::Outbound
+    Verdict::Skip(excluded)
 }
 
 #[inline(always)]

@@ -10,8 +10,9 @@
 //! - `cgroup/getsockopt` (proxy's cgroup): answer `SO_ORIGINAL_DST` (`getsockopt.rs`).
 //! - tc ingress on the node's uplink: mark inbound HBONE to local pods for capture by policy
 //!   routing (`tc_inbound.rs`).
-//! - tc egress on STRICT pods' host-side veths: drop SYNs that do not carry the proxy's mark
-//!   (`tc_strict.rs`). Both share maps and a header parser (`tc.rs`).
+//! - tc egress on enrolled pods' host-side veths: drop SYNs that do not carry the proxy's mark
+//!   (into a PERMISSIVE pod, nor come from a socket of the node) (`tc_strict.rs`). Both share
+//!   maps and a header parser (`tc.rs`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 

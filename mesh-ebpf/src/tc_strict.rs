@@ -1,9 +1,15 @@
-//! tc egress (TCX) on a STRICT pod's host-side veth, i.e. packets on their way into the pod.
+//! tc egress (TCX) on an enrolled pod's host-side veth, i.e. packets on their way into the pod.
 //! It fails closed: what it cannot read, it drops.
 //!
 //! - A TCP SYN without ACK is dropped unless it carries the proxy's mark
 //!   (`skb->mark & proxy_mask == proxy_mark`, set by the proxy's `SO_MARK`). A mark cannot be
 //!   forged from outside the node's netns: it is scrubbed when a packet crosses a veth.
+//! - Into a PERMISSIVE pod (`LOCAL_IP_PERMISSIVE` in `mesh_local_ips` for the destination), a
+//!   SYN sent by a socket of the node's own network namespace passes too (`skb->sk` set: the
+//!   kubelet's probes, host-network processes). A packet that came in over a veth — bridged
+//!   from a pod, or forwarded after the node's DNAT (a Service VIP) — has no socket here: the
+//!   kernel orphans it on the way in. Plaintext from outside the mesh reaches a PERMISSIVE pod
+//!   only through the proxy (steered there by connect4/6 and on the uplink), or not at all.
 //! - TCP fragments (which may hide a SYN's header) and IPv6 packets with more extension headers
 //!   than the parser follows are treated like SYNs.
 //! - Only three ethertypes pass: IPv4 and IPv6, which the parser reads, and ARP, without which
@@ -17,55 +23,83 @@
 //! Everything else passes: established flows, the pod's own outgoing connections (their
 //! SYN-ACKs), ICMP, UDP (STRICT does not cover UDP).
 //!
-//! Whether a pod is STRICT is decided in user space, which attaches this program only to STRICT
-//! pods' veths; the program itself holds no per-pod state.
+//! User space attaches this program to every enrolled pod's veth. A destination that is not in
+//! `mesh_local_ips` as PERMISSIVE is treated as STRICT.
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
-use mesh_common::Counter;
+use core::ptr::addr_of;
+use mesh_common::{Counter, LOCAL_IP_PERMISSIVE};
 
 use crate::{
+    ctx::rd,
     maps::count,
     tc::{
         ethertype, mark, parse, tc_config, vlan_tagged, Parsed, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
-        TCP_FLAG_ACK, TCP_FLAG_SYN, TCX_DROP, TCX_NEXT,
+        MESH_LOCAL_IPS, TCP_FLAG_ACK, TCP_FLAG_SYN, TCX_DROP, TCX_NEXT,
     },
 };
 
 #[classifier]
 pub fn mesh_tc_strict(ctx: TcContext) -> i32 {
-    if should_drop(&ctx) {
-        count(Counter::StrictDropped);
-        TCX_DROP
-    } else {
-        TCX_NEXT
+    match verdict(&ctx) {
+        Verdict::Pass => TCX_NEXT,
+        Verdict::Drop(counter) => {
+            count(counter);
+            TCX_DROP
+        }
     }
 }
 
+enum Verdict {
+    Pass,
+    /// Dropped, counted under this counter.
+    Drop(Counter),
+}
+
 #[inline(always)]
-fn should_drop(ctx: &TcContext) -> bool {
+fn verdict(ctx: &TcContext) -> Verdict {
     if vlan_tagged(ctx) {
-        return true;
+        return Verdict::Drop(Counter::StrictDropped);
     }
     match ethertype(ctx) {
         ETH_P_IP | ETH_P_IPV6 => {}
-        ETH_P_ARP => return false,
-        _ => return true,
+        ETH_P_ARP => return Verdict::Pass,
+        _ => return Verdict::Drop(Counter::StrictDropped),
     }
-    let opens_connection = match parse(ctx) {
-        Parsed::Tcp(tcp) => tcp.fragment || (tcp.flags & TCP_FLAG_SYN != 0 && tcp.flags & TCP_FLAG_ACK == 0),
-        Parsed::Opaque => true,
-        Parsed::Other => false,
+    // The destination of a packet that may open a connection; `None` when it cannot be read.
+    let dst = match parse(ctx) {
+        Parsed::Tcp(tcp)
+            if tcp.fragment || (tcp.flags & TCP_FLAG_SYN != 0 && tcp.flags & TCP_FLAG_ACK == 0) =>
+        {
+            Some(tcp.dst)
+        }
+        Parsed::Tcp(_) | Parsed::Other => return Verdict::Pass,
+        Parsed::Opaque => None,
     };
-    if !opens_connection {
-        return false;
-    }
     let Some(cfg) = tc_config() else {
         count(Counter::TcNoConfig);
-        return true;
+        return Verdict::Drop(Counter::StrictDropped);
     };
     if mark(ctx) & cfg.proxy_mask == cfg.proxy_mark {
         count(Counter::StrictAllowedProxy);
-        return false;
+        return Verdict::Pass;
     }
-    true
+    let permissive = dst
+        .and_then(|dst| MESH_LOCAL_IPS.get_ptr(&dst))
+        .is_some_and(|flags| unsafe { *flags } & LOCAL_IP_PERMISSIVE != 0);
+    if !permissive {
+        return Verdict::Drop(Counter::StrictDropped);
+    }
+    if from_node_socket(ctx) {
+        count(Counter::PermissiveAllowedNode);
+        return Verdict::Pass;
+    }
+    Verdict::Drop(Counter::PermissiveDropped)
+}
+
+/// Whether a socket of this network namespace sent the packet. Only locally generated packets
+/// carry one at a veth's egress: one that came in over an interface was orphaned on receipt.
+#[inline(always)]
+fn from_node_socket(ctx: &TcContext) -> bool {
+    !unsafe { rd(addr_of!((*ctx.skb.skb).__bindgen_anon_2.sk)) }.is_null()
 }

@@ -66,7 +66,7 @@ pub struct Report {
     pub captured: BTreeSet<String>,
     /// What could not be done, by workload or component.
     pub problems: BTreeMap<String, String>,
-    /// STRICT pods whose host-side interface was not found → why. Their last attachment stays.
+    /// Enrolled pods whose host-side interface was not found → why. Their last attachment stays.
     pub strict_unresolved: BTreeMap<String, String>,
     /// Rounds done since the agent started (this one included).
     pub round: u64,
@@ -139,7 +139,7 @@ pub fn run(
     }
 }
 
-/// One round: enrolled cgroups, inbound pod addresses, STRICT veths, capture routing. Reports
+/// One round: enrolled cgroups, inbound pod addresses, pod veths, capture routing. Reports
 /// what it found and what could not be done (by workload or component), to retry next round.
 fn reconcile(
     datapath: &mut Datapath,

@@ -19,7 +19,7 @@
 //! `mesh-node uninstall` finds them whatever flags the agent ran with.
 //!
 //! [`pod_link`] (run inside a pod's network namespace) and [`veth_peer`] (on the node) find a
-//! STRICT pod's host-side veth for `Datapath::set_strict` (see `crate::pod_veth`).
+//! pod's host-side veth for `Datapath::set_strict` (see `crate::pod_veth`).
 //!
 //! Synchronous, over a plain `NETLINK_ROUTE` socket (netlink-sys) with messages built and
 //! parsed by netlink-packet-route. The socket lives in the calling thread's network namespace.

@@ -1,22 +1,25 @@
-//! STRICT enforcement for one reconcile round: the STRICT pods' host-side veths, found from
-//! inside their own network namespaces (`crate::pod_veth`), get the STRICT program. It fails
-//! closed: a pod whose veth is not found keeps its last attachment — every STRICT link, when
-//! that is unknown (after a restart) — and is reported (a warning, the round's report, and
+//! Pod-veth enforcement for one reconcile round: every enrolled pod's host-side veth, found from
+//! inside the pod's own network namespace (`crate::pod_veth`), gets the pod-veth program
+//! (`mesh_tc_strict`). It drops SYNs into a STRICT pod that are not the proxy's, and SYNs into
+//! a PERMISSIVE pod that are neither the proxy's nor a node socket's (plaintext from outside
+//! the mesh that went around the steering, e.g. through the node's DNAT or a raw socket); the
+//! program reads each pod's mode from `mesh_local_ips`. It fails closed: a pod whose veth is
+//! not found keeps its last attachment — every pod-veth link, when that is unknown (after a
+//! restart) — and is reported (a warning, the round's report, and
 //! `mesh_strict_unresolved_pods`). A link goes only where its pod is known not to be.
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 
 use tracing::{info, warn};
 
-use mesh_api::MtlsMode;
-
 use crate::control::NodeState;
 use crate::ebpf::{Datapath, Keep};
 use crate::pod_veth;
 
-/// Finds the STRICT pods' host-side veths from their own network namespaces and attaches the
-/// STRICT program to them, keeping the last attachment of any pod not found. Returns the STRICT
-/// pods not found, → why.
+/// Finds the enrolled pods' host-side veths from their own network namespaces and attaches the
+/// pod-veth program to them, keeping the last attachment of any pod not found. Returns the
+/// enrolled pods not found, → why. Run after `Datapath::set_inbound`, which writes the pods'
+/// modes the program reads.
 pub fn enforce(
     datapath: &mut Datapath,
     state: &NodeState,
@@ -26,7 +29,7 @@ pub fn enforce(
 ) -> BTreeMap<String, String> {
     let mut outcomes = BTreeMap::new();
     let mut lookups = BTreeMap::new();
-    for w in state.enrolled_local().filter(|w| w.mtls_mode == MtlsMode::Strict) {
+    for w in state.enrolled_local() {
         let key = format!("{}/{}", w.namespace, w.name);
         match (cgroup_dirs.get(&key), w.ips.first()) {
             (Some(cgroup), Some(ip)) => {
@@ -59,19 +62,19 @@ pub fn enforce(
     for (key, reason) in &plan.unresolved {
         let kept = match (&plan.keep, memory.last.get(key)) {
             (_, Some(ifindex)) => format!("if{ifindex}"),
-            (Keep::All, None) => "every STRICT link".into(),
+            (Keep::All, None) => "every pod-veth link".into(),
             (Keep::Only(_), None) => "none (never attached)".into(),
         };
         if memory.reported.get(key) != Some(reason) {
-            warn!(workload = %key, %reason, %kept, "STRICT pod's host-side interface not found; keeping its last attachment");
+            warn!(workload = %key, %reason, %kept, "enrolled pod's host-side interface not found; keeping its last attachment");
         }
-        problems.insert(key.clone(), format!("STRICT interface not found: {reason}"));
+        problems.insert(key.clone(), format!("pod veth not found: {reason}"));
     }
     memory.reported = plan.unresolved.clone();
     match datapath.set_strict(&plan.attach, &plan.keep) {
         Ok(diff) => {
             if !diff.attached.is_empty() || !diff.detached.is_empty() {
-                info!(strict = ?diff.attached, detached = ?diff.detached, kept = ?diff.kept, "STRICT enforcement updated");
+                info!(strict = ?diff.attached, detached = ?diff.detached, kept = ?diff.kept, "pod-veth enforcement updated");
             }
             for (ifindex, reason) in diff.unresolved {
                 problems.insert(format!("STRICT if{ifindex}"), reason);
@@ -84,7 +87,7 @@ pub fn enforce(
     plan.unresolved
 }
 
-/// Where a STRICT pod's host-side veth was looked for, and what came of it.
+/// Where an enrolled pod's host-side veth was looked for, and what came of it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Lookup {
     /// Its ifindex in the node's namespace.
@@ -95,16 +98,16 @@ enum Lookup {
     Absent(String),
 }
 
-/// What STRICT enforcement should hold this round.
+/// What pod-veth enforcement should hold this round.
 #[derive(Debug, PartialEq, Eq)]
 struct StrictPlan {
     attach: BTreeSet<u32>,
     keep: Keep,
-    /// STRICT pods not found → why.
+    /// Enrolled pods not found → why.
     unresolved: BTreeMap<String, String>,
 }
 
-/// The last interface each STRICT pod was found on, so that a pod not found this round keeps
+/// The last interface each enrolled pod was found on, so that a pod not found this round keeps
 /// its attachment (and only its own, when it is known).
 #[derive(Debug, Default)]
 pub struct StrictMemory {
@@ -115,8 +118,8 @@ pub struct StrictMemory {
 
 impl StrictMemory {
     /// Links go only where the kernel can be told for sure: a pod found elsewhere, no longer
-    /// STRICT, or gone. A pod that is there but not found keeps its last link, or — when that
-    /// is unknown, as after a restart — every STRICT link stays.
+    /// enrolled, or gone. A pod that is there but not found keeps its last link, or — when that
+    /// is unknown, as after a restart — every pod-veth link stays.
     fn plan(&mut self, outcomes: &BTreeMap<String, Lookup>) -> StrictPlan {
         self.last.retain(|pod, _| outcomes.contains_key(pod));
         let mut attach = BTreeSet::new();

@@ -16,7 +16,7 @@
 //!
 //! Inbound capture and STRICT enforcement are tc programs on interfaces of the node's network
 //! namespace, attached as TCX links: [`Datapath::set_inbound`] (ingress of the uplink) and
-//! [`Datapath::set_strict`] (egress of STRICT pods' host-side veths, failing closed) reconcile
+//! [`Datapath::set_strict`] (egress of enrolled pods' host-side veths, failing closed) reconcile
 //! their link pins against a desired state, like `set_enrolled` does for the map. `start` never
 //! removes those pins (a restart keeps them attached, untouched); a replacement set attaches its own tc
 //! programs to the same interfaces, with the old set's marks and pod addresses, before the old
@@ -94,7 +94,7 @@ pub struct Marks {
     /// OR-ed into `skb->mark` of inbound HBONE to local pods on the uplink; the routing rule
     /// matches `fwmark capture/capture`.
     pub capture: u32,
-    /// The proxy's upstream sockets carry it (`SO_MARK`); a SYN into a STRICT pod passes only
+    /// The proxy's upstream sockets carry it (`SO_MARK`); a SYN into an enrolled pod passes only
     /// when `mark & proxy == proxy`.
     pub proxy: u32,
 }
@@ -155,7 +155,8 @@ pub enum Mode {
     /// where policy applies with no authenticated principal.
     Permissive,
     /// A connection into the pod must come from the node proxy (its mark); others' SYNs are
-    /// dropped at the pod's host-side veth.
+    /// dropped at the pod's host-side veth. (A PERMISSIVE pod's veth also admits SYNs from the
+    /// node's own sockets.)
     Strict,
 }
 
@@ -552,7 +553,8 @@ impl Datapath {
         Ok(self.maps.local_ips()?.into_keys().collect())
     }
 
-    /// STRICT enforcement: the egress program is attached to the host-side veths `veths`
+    /// Pod-veth enforcement (STRICT, and PERMISSIVE by the modes in the local-address map): the
+    /// egress program is attached to the host-side veths `veths`
     /// (interface indexes in this thread's network namespace). A link on another interface is
     /// detached unless `keep` holds it and it is still live; a link whose interface is gone is
     /// always removed. Valid links are re-used, so calling this again (or after a restart)

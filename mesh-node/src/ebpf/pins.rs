@@ -12,7 +12,7 @@
 //!     mesh_local_ips mesh_tc_config                                   maps of the tc programs
 //!     prog_tc_inbound prog_tc_strict                                  tc programs
 //!     tcx_inbound_if<IFINDEX>        TCX ingress link on the uplink (set_inbound)
-//!     tcx_strict_if<IFINDEX>         TCX egress link on a STRICT pod's host veth (set_strict)
+//!     tcx_strict_if<IFINDEX>         TCX egress link on an enrolled pod's host veth (set_strict)
 //!   staging-<abi>-<pid>/            a set being built; renamed to <abi> once complete
 //! ```
 //! TCX links name interfaces by index, which is only meaningful in the agent's network

@@ -195,7 +195,7 @@ impl Metrics {
                 &registry,
                 IntGauge::new(
                     "strict_unresolved_pods",
-                    "STRICT pods whose host-side interface was not found in the last round; their last attachment is kept.",
+                    "Enrolled pods whose host-side interface was not found in the last round; their last attachment is kept.",
                 )?,
             )?,
             registry,
