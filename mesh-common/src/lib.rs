@@ -127,6 +127,11 @@ pub const LOCAL_IP_CAPTURE_INBOUND: u32 = 1 << 0;
 /// inbound plaintext listener, where policy applies. At the pod's veth, a SYN sent by a socket
 /// of the node passes as well as the proxy's; without this flag only the proxy's do.
 pub const LOCAL_IP_PERMISSIVE: u32 = 1 << 1;
+/// Value of `mesh_local_ips`, with `LOCAL_IP_PERMISSIVE`: an AuthorizationPolicy selects the
+/// pod. Only then is plaintext that the steering did not see (a SYN bridged from a pod, a
+/// Service VIP the node DNATs) dropped at its veth: without a policy there is nothing to go
+/// around, and dropping would only break clients outside the mesh.
+pub const LOCAL_IP_POLICED: u32 = 1 << 2;
 
 /// `Enrollment::flags`: capture this cgroup's (and its descendants') outbound TCP.
 pub const ENROLL_CAPTURE_OUTBOUND: u32 = 1 << 0;
@@ -242,16 +247,20 @@ pub enum Counter {
     /// ... of which the plaintext listener could not be found or assigned (the SYN goes on
     /// marked, to be dropped: nothing reaches the pod around the proxy).
     PlainNoListener,
-    /// SYNs into a local PERMISSIVE pod dropped at its veth: neither from the proxy nor from a
-    /// socket of the node (a pod's own SYN, a connection DNAT'd by the node).
+    /// SYNs into a local PERMISSIVE pod that a policy selects, dropped at its veth: neither from
+    /// the proxy nor from a socket of the node (a pod's own SYN, a connection DNAT'd by the node).
     PermissiveDropped,
     /// SYNs into a local PERMISSIVE pod let through at its veth: sent by a socket of the node
     /// (the kubelet's probes, host-network processes).
     PermissiveAllowedNode,
+    /// SYNs into a local PERMISSIVE pod that no policy selects, let through at its veth although
+    /// neither the proxy nor the node sent them (nothing to enforce; steering still counts the
+    /// connections it sees).
+    PermissiveAllowedUnpoliced,
 }
 
 /// Number of counters (entries of `mesh_counters`).
-pub const COUNTER_COUNT: u32 = 29;
+pub const COUNTER_COUNT: u32 = 30;
 
 /// Name of each counter, indexed by `Counter as usize`.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -284,10 +293,11 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "plain_no_listener",
     "permissive_dropped",
     "permissive_allowed_node",
+    "permissive_allowed_unpoliced",
 ];
 
 // The counter list and its names must stay in step.
-const _: () = assert!(Counter::PermissiveAllowedNode as u32 + 1 == COUNTER_COUNT);
+const _: () = assert!(Counter::PermissiveAllowedUnpoliced as u32 + 1 == COUNTER_COUNT);
 const _: () = assert!(core::mem::size_of::<TcConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<Enrollment>() == 8);

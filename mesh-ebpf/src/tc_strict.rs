@@ -8,8 +8,10 @@
 //!   SYN sent by a socket of the node's own network namespace passes too (`skb->sk` set: the
 //!   kubelet's probes, host-network processes). A packet that came in over a veth — bridged
 //!   from a pod, or forwarded after the node's DNAT (a Service VIP) — has no socket here: the
-//!   kernel orphans it on the way in. Plaintext from outside the mesh reaches a PERMISSIVE pod
+//!   kernel orphans it on the way in. Into a PERMISSIVE pod that a policy selects
+//!   (`LOCAL_IP_POLICED`), such a SYN is dropped: plaintext from outside the mesh reaches it
 //!   only through the proxy (steered there by connect4/6 and on the uplink), or not at all.
+//!   Into one that no policy selects it passes, since there is nothing to go around.
 //! - TCP fragments (which may hide a SYN's header) and IPv6 packets with more extension headers
 //!   than the parser follows are treated like SYNs.
 //! - Only three ethertypes pass: IPv4 and IPv6, which the parser reads, and ARP, without which
@@ -28,7 +30,7 @@
 
 use aya_ebpf::{macros::classifier, programs::TcContext};
 use core::ptr::addr_of;
-use mesh_common::{Counter, LOCAL_IP_PERMISSIVE};
+use mesh_common::{Counter, LOCAL_IP_PERMISSIVE, LOCAL_IP_POLICED};
 
 use crate::{
     ctx::rd,
@@ -84,14 +86,18 @@ fn verdict(ctx: &TcContext) -> Verdict {
         count(Counter::StrictAllowedProxy);
         return Verdict::Pass;
     }
-    let permissive = dst
+    let flags = dst
         .and_then(|dst| MESH_LOCAL_IPS.get_ptr(&dst))
-        .is_some_and(|flags| unsafe { *flags } & LOCAL_IP_PERMISSIVE != 0);
-    if !permissive {
+        .map_or(0, |flags| unsafe { *flags });
+    if flags & LOCAL_IP_PERMISSIVE == 0 {
         return Verdict::Drop(Counter::StrictDropped);
     }
     if from_node_socket(ctx) {
         count(Counter::PermissiveAllowedNode);
+        return Verdict::Pass;
+    }
+    if flags & LOCAL_IP_POLICED == 0 {
+        count(Counter::PermissiveAllowedUnpoliced);
         return Verdict::Pass;
     }
     Verdict::Drop(Counter::PermissiveDropped)

@@ -13,7 +13,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use mesh_api::MtlsMode;
+use mesh_api::{MtlsMode, Workload};
 
 use crate::cgroups;
 use crate::control::NodeState;
@@ -186,7 +186,7 @@ fn reconcile(
 
     let ips: BTreeMap<IpAddr, Mode> = state
         .enrolled_local()
-        .flat_map(|w| w.ips.iter().map(|ip| (*ip, mode(w.mtls_mode))))
+        .flat_map(|w| w.ips.iter().map(|ip| (*ip, mode(state, w))))
         .collect();
     match datapath.set_inbound(&kernel.routing.uplink, &ips) {
         Ok(diff) if !diff.ips_added.is_empty() || !diff.ips_removed.is_empty() => {
@@ -215,10 +215,16 @@ fn reconcile(
     }
 }
 
-fn mode(mtls: MtlsMode) -> Mode {
-    match mtls {
+/// The kernel's view of a local enrolled pod's mode.
+fn mode(state: &NodeState, w: &Workload) -> Mode {
+    match w.mtls_mode {
         MtlsMode::Strict => Mode::Strict,
-        MtlsMode::Permissive => Mode::Permissive,
+        MtlsMode::Permissive => Mode::Permissive {
+            policed: state
+                .policies
+                .values()
+                .any(|p| p.selects(&w.namespace, &w.labels)),
+        },
     }
 }
 

@@ -1,7 +1,8 @@
 //! PERMISSIVE holds at the pod's veth: plaintext from outside the mesh that the steering does
 //! not see — a pod's own hand-made SYN, a connection to a Service VIP that the node DNATs to
-//! the pod — is dropped on its way into a PERMISSIVE pod, while the node's own connections
-//! (the kubelet's probes) still get in. Evidence: SYN-ACKs (or their absence) on the wire, the
+//! the pod — is dropped on its way into a PERMISSIVE pod that a policy selects, while the
+//! node's own connections (the kubelet's probes) still get in; into one that no policy selects
+//! it passes (there is nothing to go around). Evidence: SYN-ACKs (or their absence) on the wire, the
 //! echo server's accepts, and the kernel's counters (`permissive_dropped`,
 //! `permissive_allowed_node`) read from the agent's metrics.
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -69,8 +70,9 @@ fn world_with(name: &str, agent_args: &[&str]) -> Result<World> {
 
 impl World {
     /// (Re)writes namespace `shop` with the server and `members`, enrolled PERMISSIVE or not
-    /// enrolled.
-    fn shop_with(&self, enrolled: bool, members: &[&Pod]) -> Result<()> {
+    /// enrolled; `policed`: with a policy that selects the server (a DENY of a port nobody
+    /// uses, so it refuses nothing here), which is what makes its veth drop unsteered plaintext.
+    fn shop_with(&self, enrolled: bool, policed: bool, members: &[&Pod]) -> Result<()> {
         let labels: &[(&str, &str)] = if enrolled {
             &[("mesh.dev/enroll", "true"), ("mesh.dev/mtls", "permissive")]
         } else {
@@ -81,17 +83,30 @@ impl World {
             yaml.push_str("---\n");
             yaml.push_str(&pod_yaml(pod, "shop", &pod.name, &[("app", &pod.name)]));
         }
+        if policed {
+            yaml.push_str(
+                "---\napiVersion: mesh.dev/v1alpha1\nkind: AuthorizationPolicy\n\
+                 metadata: {name: deny-port-1, namespace: shop}\n\
+                 spec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n  \
+                 rules: [{to: [{operation: {ports: [\"1\"]}}]}]\n",
+            );
+        }
         self.controller.apply("shop", &yaml)
     }
 
     fn shop(&self, enrolled: bool) -> Result<()> {
-        self.shop_with(enrolled, &[])
+        self.shop_with(enrolled, enrolled, &[])
     }
 
-    /// Enrolls `shop` and waits until the outsider's plaintext is steered through the proxy:
-    /// the server's address is then in the kernel's map as PERMISSIVE.
     fn enroll(&self) -> Result<()> {
-        self.shop(true)?;
+        self.enroll_as(true)
+    }
+
+    /// Enrolls `shop` (`policed`: see [`World::shop_with`]) and waits until the outsider's
+    /// plaintext is steered through the proxy: the server's address is then in the kernel's map
+    /// as PERMISSIVE.
+    fn enroll_as(&self, policed: bool) -> Result<()> {
+        self.shop_with(true, policed, &[])?;
         let before = self.event("plain_redirected")?;
         wait_until(
             WAIT,
@@ -130,6 +145,34 @@ impl World {
             None => self.cluster.exec_on_node(&self.node, cmd)?,
         };
         Ok(out.status.success())
+    }
+
+    /// Has the node DNAT the made-up Service `VIP:VIP_PORT` to the server's `APP`, as
+    /// kube-proxy does (and, for a client on the same bridge, masquerade, so that the reply
+    /// comes back through the node).
+    fn dnat_vip(&self) -> Result<SocketAddr> {
+        let nft = Command::new("nft").arg("--version").output();
+        if !nft.as_ref().is_ok_and(|o| o.status.success()) {
+            bail!("nft is missing (package nftables, installed by xtask/scripts/setup.sh): {nft:?}");
+        }
+        let rules = std::env::temp_dir().join(format!("{}-vip.nft", self.cluster.id()));
+        std::fs::write(
+            &rules,
+            format!(
+                "table ip mesh_test_vip {{\n\
+                 chain pre {{ type nat hook prerouting priority dstnat; policy accept;\n\
+                 ip daddr {VIP} tcp dport {VIP_PORT} dnat to {server}:{APP}\n}}\n\
+                 chain post {{ type nat hook postrouting priority srcnat; policy accept;\n\
+                 ct status dnat ip daddr {server} tcp dport {APP} masquerade\n}}\n}}\n",
+                server = self.server.ipv4
+            ),
+        )?;
+        let mut load = Command::new("nft");
+        load.arg("-f").arg(&rules);
+        let loaded = self.cluster.exec_on_node(&self.node, load);
+        std::fs::remove_file(&rules)?;
+        loaded?.success().context("loading the VIP's DNAT rules")?;
+        Ok(SocketAddr::new(VIP.into(), VIP_PORT))
     }
 
     /// A kernel counter of the node, from the agent's metrics.
@@ -244,29 +287,8 @@ fn a_hand_made_syn_from_a_same_node_pod_does_not_reach_a_permissive_pod() -> Res
 /// nowhere rather than around the pod's policy).
 #[test]
 fn a_service_vip_dnated_by_the_node_does_not_go_around_the_proxy() -> Result<()> {
-    let nft = Command::new("nft").arg("--version").output();
-    if !nft.as_ref().is_ok_and(|o| o.status.success()) {
-        bail!("nft is missing (package nftables, installed by xtask/scripts/setup.sh): {nft:?}");
-    }
     let w = world("pveth-vip")?;
-    let rules = std::env::temp_dir().join(format!("{}-vip.nft", w.cluster.id()));
-    std::fs::write(
-        &rules,
-        format!(
-            "table ip mesh_test_vip {{\n\
-             chain pre {{ type nat hook prerouting priority dstnat; policy accept;\n\
-             ip daddr {VIP} tcp dport {VIP_PORT} dnat to {server}:{APP}\n}}\n\
-             chain post {{ type nat hook postrouting priority srcnat; policy accept;\n\
-             ct status dnat ip daddr {server} tcp dport {APP} masquerade\n}}\n}}\n",
-            server = w.server.ipv4
-        ),
-    )?;
-    let mut load = Command::new("nft");
-    load.arg("-f").arg(&rules);
-    let loaded = w.cluster.exec_on_node(&w.node, load);
-    std::fs::remove_file(&rules)?;
-    loaded?.success().context("loading the VIP's DNAT rules")?;
-    let vip = SocketAddr::new(VIP.into(), VIP_PORT);
+    let vip = w.dnat_vip()?;
 
     let accepted = w.accepts();
     ensure!(
@@ -310,6 +332,54 @@ fn a_service_vip_dnated_by_the_node_does_not_go_around_the_proxy() -> Result<()>
     Ok(())
 }
 
+/// With no policy selecting a PERMISSIVE pod there is nothing to go around, and dropping would
+/// only break clients outside the mesh: a connection the node DNATs to it (kube-proxy's Service
+/// VIP, from a pod of the same node) still reaches it, counted as
+/// `permissive_allowed_unpoliced`. Once a policy selects the pod, the same connection is
+/// dropped at its veth.
+#[test]
+fn a_vip_the_node_dnats_reaches_a_permissive_pod_until_a_policy_selects_it() -> Result<()> {
+    let w = world("pveth-unpol")?;
+    let vip = w.dnat_vip()?;
+    w.enroll_as(false)?;
+    let allowed_before = w.event("permissive_allowed_unpoliced")?;
+    wait_until(
+        WAIT,
+        "the VIP's connection to pass the veth of a pod no policy selects",
+        || {
+            let accepted = w.accepts();
+            if !w.exchange(Some(&w.outsider), vip).map_err(|e| format!("{e:#}"))? {
+                return Err("the VIP's connection to the pod failed".into());
+            }
+            if w.accepts() <= accepted {
+                return Err("the app did not accept the VIP's connection".into());
+            }
+            let allowed = w
+                .event("permissive_allowed_unpoliced")
+                .map_err(|e| format!("{e:#}"))?;
+            (allowed > allowed_before)
+                .then_some(())
+                .ok_or(format!("permissive_allowed_unpoliced still {allowed}"))
+        },
+    )?;
+    w.enroll_as(true)?;
+    let dropped_before = w.event("permissive_dropped")?;
+    wait_until(
+        WAIT,
+        "the VIP's connection to be dropped once a policy selects the pod",
+        || {
+            if w.exchange(Some(&w.outsider), vip).map_err(|e| format!("{e:#}"))? {
+                return Err("the VIP's connection still reaches the pod".into());
+            }
+            let dropped = w.event("permissive_dropped").map_err(|e| format!("{e:#}"))?;
+            (dropped > dropped_before)
+                .then_some(())
+                .ok_or(format!("refused, but permissive_dropped is still {dropped}"))
+        },
+    )?;
+    Ok(())
+}
+
 /// The node's own connections (a kubelet probe, from the node's netns and outside the pods'
 /// cgroup: neither steered nor marked) still reach a PERMISSIVE pod.
 #[test]
@@ -347,7 +417,7 @@ fn a_connection_from_the_node_itself_reaches_a_permissive_pod() -> Result<()> {
 fn an_enrolled_pods_excluded_port_to_a_permissive_pod_goes_through_the_plaintext_listener() -> Result<()> {
     let w = world_with("pveth-excl", &["--exclude-port", &EXCLUDED.to_string()])?;
     let client = w.cluster.add_pod("a", "client")?;
-    w.shop_with(true, &[&client])?;
+    w.shop_with(true, true, &[&client])?;
     w.agent.wait_enrolled(&[&w.server, &client])?;
     let dst = SocketAddr::new(w.server.ipv4.into(), EXCLUDED);
     let redirected_before = w.event("plain_redirected")?;

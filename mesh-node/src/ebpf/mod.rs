@@ -152,8 +152,10 @@ impl Default for Marks {
 pub enum Mode {
     /// mTLS from the mesh, and plain TCP from outside it: plaintext from pods that are not
     /// enrolled and from other hosts is steered to the proxy's inbound plaintext listener,
-    /// where policy applies with no authenticated principal.
-    Permissive,
+    /// where policy applies with no authenticated principal. `policed`: an AuthorizationPolicy
+    /// selects the pod, so plaintext the steering did not see (bridged from a pod, DNAT'd by
+    /// the node) is dropped at its veth rather than let around the policy.
+    Permissive { policed: bool },
     /// A connection into the pod must come from the node proxy (its mark); others' SYNs are
     /// dropped at the pod's host-side veth. (A PERMISSIVE pod's veth also admits SYNs from the
     /// node's own sockets.)
@@ -667,7 +669,14 @@ impl Datapath {
 fn local_ip_flags(mode: Mode) -> u32 {
     match mode {
         Mode::Strict => mesh_common::LOCAL_IP_CAPTURE_INBOUND,
-        Mode::Permissive => mesh_common::LOCAL_IP_CAPTURE_INBOUND | mesh_common::LOCAL_IP_PERMISSIVE,
+        Mode::Permissive { policed: false } => {
+            mesh_common::LOCAL_IP_CAPTURE_INBOUND | mesh_common::LOCAL_IP_PERMISSIVE
+        }
+        Mode::Permissive { policed: true } => {
+            mesh_common::LOCAL_IP_CAPTURE_INBOUND
+                | mesh_common::LOCAL_IP_PERMISSIVE
+                | mesh_common::LOCAL_IP_POLICED
+        }
     }
 }
 
