@@ -41,8 +41,10 @@ pub struct ClientReport {
     pub error: Option<String>,
 }
 
-/// Sends `bytes` from `pod` to `dst` and checks they come back intact.
-pub fn client(cluster: &Cluster, pod: &Pod, dst: SocketAddr, bytes: usize) -> Result<ClientReport> {
+/// The test app's echo client: sends `bytes` to `dst` and checks they come back, within
+/// `timeout_ms` for the whole exchange; it prints a [`ClientReport`] and exits non-zero when
+/// the exchange failed.
+pub fn client_cmd(dst: SocketAddr, bytes: usize, timeout_ms: u64) -> Result<Command> {
     let mut cmd = testapp()?;
     cmd.args([
         "client",
@@ -50,10 +52,16 @@ pub fn client(cluster: &Cluster, pod: &Pod, dst: SocketAddr, bytes: usize) -> Re
         &dst.to_string(),
         "--bytes",
         &bytes.to_string(),
-        // A bound on the whole exchange, generous for big transfers on a busy machine.
         "--timeout-ms",
-        &(10_000 + bytes / 2_000).to_string(),
+        &timeout_ms.to_string(),
     ]);
+    Ok(cmd)
+}
+
+/// Sends `bytes` from `pod` to `dst` and checks they come back intact.
+pub fn client(cluster: &Cluster, pod: &Pod, dst: SocketAddr, bytes: usize) -> Result<ClientReport> {
+    // A bound on the whole exchange, generous for big transfers on a busy machine.
+    let cmd = client_cmd(dst, bytes, 10_000 + bytes as u64 / 2_000)?;
     let out = cluster.exec_in_pod(pod, cmd)?;
     let report: ClientReport = serde_json::from_str(out.stdout.trim())
         .with_context(|| format!("client output: {} / {}", out.stdout, out.stderr))?;

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Result};
 
 use mesh_harness::agent::Agent;
-use mesh_harness::app::{accept_peer, client, echo_server, send_marker, testapp, wait_mesh_path};
+use mesh_harness::app::{accept_peer, client, client_cmd, echo_server, send_marker, testapp, wait_mesh_path};
 use mesh_harness::controller::{namespace_yaml, pod_yaml, policy_yaml, service_yaml, Controller};
 use mesh_harness::wire::Sniffer;
 use mesh_harness::{wait_until, Cluster, Node, Pod, Proc};
@@ -181,16 +181,7 @@ fn policy(name: &str, action: &str, principal: &str) -> String {
 
 /// The client's connection to `dst` fails, fast; returns the time it took.
 fn refused(w: &World, dst: SocketAddr) -> Result<Duration> {
-    let mut cmd = testapp()?;
-    cmd.args([
-        "client",
-        "--connect",
-        &dst.to_string(),
-        "--bytes",
-        "1024",
-        "--timeout-ms",
-        "10000",
-    ]);
+    let cmd = client_cmd(dst, 1024, 10000)?;
     let start = Instant::now();
     let out = w.cluster.exec_in_pod(&w.client, cmd)?;
     let took = start.elapsed();

@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 use serde_json::Value;
 
 use mesh_harness::agent::Agent;
-use mesh_harness::app::{client, echo_server, testapp, wait_mesh_path, ClientReport};
+use mesh_harness::app::{client, client_cmd, echo_server, wait_mesh_path, ClientReport};
 use mesh_harness::controller::{namespace_yaml, pod_yaml, Controller};
 use mesh_harness::{wait_until, Cluster, Node, Pod};
 
@@ -91,16 +91,7 @@ fn nft(cluster: &Cluster, node: &Node, script: &str) -> Result<()> {
 
 /// A client exchange that is expected to fail: its report.
 fn failing_client(cluster: &Cluster, pod: &Pod, dst: SocketAddr, timeout_ms: u64) -> Result<ClientReport> {
-    let mut cmd = testapp()?;
-    cmd.args([
-        "client",
-        "--connect",
-        &dst.to_string(),
-        "--bytes",
-        "1024",
-        "--timeout-ms",
-        &timeout_ms.to_string(),
-    ]);
+    let cmd = client_cmd(dst, 1024, timeout_ms)?;
     let out = cluster.exec_in_pod(pod, cmd)?;
     let report: ClientReport = serde_json::from_str(out.stdout.trim())
         .with_context(|| format!("client output: {} / {}", out.stdout, out.stderr))?;

@@ -9,7 +9,7 @@ use anyhow::{ensure, Result};
 use serde_json::Value;
 
 use mesh_harness::agent::{log_message, Agent};
-use mesh_harness::app::{accept_peer, client, echo_server, testapp, wait_mesh_path};
+use mesh_harness::app::{accept_peer, client, client_cmd, echo_server, wait_mesh_path};
 use mesh_harness::controller::{namespace_yaml, pod_yaml, policy_yaml, Controller};
 use mesh_harness::{wait_until, Cluster, Node, Pod, Proc};
 
@@ -120,16 +120,7 @@ impl World {
 
     /// One 1 KiB echo exchange from `src` to `dst`: whether it completed.
     fn exchange(&self, src: &Source<'_>, dst: SocketAddr) -> Result<bool> {
-        let mut cmd = testapp()?;
-        cmd.args([
-            "client",
-            "--connect",
-            &dst.to_string(),
-            "--bytes",
-            "1024",
-            "--timeout-ms",
-            "5000",
-        ]);
+        let cmd = client_cmd(dst, 1024, 5000)?;
         let out = match src {
             Source::Pod(pod) => self.cluster.exec_in_pod(pod, cmd)?,
             Source::Node(node) => self.cluster.exec_on_node(node, cmd)?,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure, Context, Result};
 
 use mesh_harness::agent::Agent;
-use mesh_harness::app::{accept_peer, echo_server, testapp};
+use mesh_harness::app::{accept_peer, client_cmd, echo_server};
 use mesh_harness::controller::{namespace_yaml, pod_yaml, Controller};
 use mesh_harness::frames::{self, RawSocket, Syn};
 use mesh_harness::{wait_until, Cluster, Node, Pod, Proc};
@@ -130,16 +130,7 @@ impl World {
     /// One echo exchange to `dst` from `pod`, or from the node's own netns (outside the pods'
     /// cgroup, as the kubelet is): whether it completed.
     fn exchange(&self, pod: Option<&Pod>, dst: SocketAddr) -> Result<bool> {
-        let mut cmd = testapp()?;
-        cmd.args([
-            "client",
-            "--connect",
-            &dst.to_string(),
-            "--bytes",
-            "64",
-            "--timeout-ms",
-            "1500",
-        ]);
+        let cmd = client_cmd(dst, 64, 1500)?;
         let out = match pod {
             Some(pod) => self.cluster.exec_in_pod(pod, cmd)?,
             None => self.cluster.exec_on_node(&self.node, cmd)?,
@@ -256,16 +247,7 @@ fn a_hand_made_syn_from_a_same_node_pod_does_not_reach_a_permissive_pod() -> Res
     // A plain TCP socket in the pod's netns but outside the pods' cgroup (no connect4 there):
     // its SYN is bridged to the server with the socket attached until it leaves the pod's
     // netns. Dropped all the same.
-    let mut cmd = testapp()?;
-    cmd.args([
-        "client",
-        "--connect",
-        &w.dst().to_string(),
-        "--bytes",
-        "64",
-        "--timeout-ms",
-        "1500",
-    ]);
+    let cmd = client_cmd(w.dst(), 64, 1500)?;
     let out = w.cluster.exec_in_net(&w.outsider.netns, cmd)?;
     ensure!(
         !out.status.success(),

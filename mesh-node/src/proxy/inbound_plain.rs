@@ -13,15 +13,14 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 
 use mesh_api::{MtlsMode, Workload};
-use socket2::SockRef;
 use tokio::net::TcpStream;
 use tracing::{debug, info, info_span, Instrument};
 
-use super::copy;
+use super::carry::{self, fail, reset};
 use super::mesh::Mesh;
 use super::orig_dst::original_dst;
 use super::upstream::connect_marked;
-use crate::connections::{ConnMeta, Counted, Direction, Orientation};
+use crate::connections::{ConnMeta, Direction};
 use crate::control::NodeState;
 use crate::metrics::labels::{Peer, Reporter, ResponseFlags};
 use crate::policy::Decision;
@@ -53,7 +52,7 @@ pub async fn handle(mesh: Arc<Mesh>, client: TcpStream, peer: SocketAddr) {
             service: None,
             reporters: &[Reporter::Destination],
         };
-        match carry(&mesh, &state, client, &pod, meta).await {
+        match authorize_and_carry(&mesh, &state, client, &pod, meta).await {
             Ok((sent, received)) => debug!(%dst, sent, received, "closed"),
             Err(e) => debug!(%dst, error = %e, "failed"),
         }
@@ -79,7 +78,7 @@ fn destination(state: &NodeState, conn: &TcpStream) -> Result<(SocketAddr, Workl
     Ok((dst, pod))
 }
 
-async fn carry(
+async fn authorize_and_carry(
     mesh: &Mesh,
     state: &NodeState,
     client: TcpStream,
@@ -103,7 +102,7 @@ async fn carry(
     )
     .await
     .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")));
-    let mut upstream = match connect {
+    let upstream = match connect {
         Ok(s) => s,
         Err(e) => {
             let error = e.to_string();
@@ -111,26 +110,5 @@ async fn carry(
         }
     };
     let _ = client.set_nodelay(true);
-    let mut client = Counted::new(client, mesh.connections.open(meta), Orientation::FacesSource);
-    copy::bidirectional(&mut client, &mut upstream, mesh.carried.idle_timeout).await
-}
-
-/// Records a connection that is not carried and resets the client, as the pod's own refusal
-/// would have.
-fn fail(
-    mesh: &Mesh,
-    client: &TcpStream,
-    meta: &ConnMeta,
-    flags: ResponseFlags,
-    error: impl Into<String>,
-) -> io::Error {
-    let error = error.into();
-    reset(client);
-    mesh.connections.failed(meta, flags, &error);
-    io::Error::other(error)
-}
-
-/// Linger 0 turns the coming close into an RST.
-fn reset(conn: &TcpStream) {
-    let _ = SockRef::from(conn).set_linger(Some(std::time::Duration::ZERO));
+    carry::carry(mesh, client, meta, upstream).await
 }

@@ -2,6 +2,7 @@
 //! connections of local pods, `inbound` terminates HBONE for them, `inbound_plain` admits
 //! plaintext from outside the mesh to PERMISSIVE ones by policy; all read `mesh` and move
 //! bytes with `copy`.
+mod carry;
 mod copy;
 pub mod hbone;
 pub mod inbound;

@@ -7,18 +7,17 @@ use std::sync::Arc;
 
 use mesh_api::{Identity, Workload};
 use socket2::SockRef;
-use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::{debug, info, info_span, Instrument};
 
-use super::copy;
+use super::carry::{carry, fail, reset};
 use super::hbone::{HboneError, PoolKey, HBONE_PORT};
 use super::mesh::Mesh;
 use super::orig_dst::original_dst;
 use super::route::{self, Route};
 use super::upstream::connect_marked;
 use crate::config::Config;
-use crate::connections::{ConnMeta, Counted, Direction, Orientation};
+use crate::connections::{ConnMeta, Direction};
 use crate::control::NodeState;
 use crate::metrics::labels::{Peer, Reporter, ResponseFlags};
 use crate::policy::Decision;
@@ -194,31 +193,6 @@ async fn via_hbone(
     }
 }
 
-/// Copies between the client and its upstream, counted, until both sides are done.
-async fn carry<U>(mesh: &Mesh, client: TcpStream, meta: ConnMeta, mut upstream: U) -> io::Result<(u64, u64)>
-where
-    U: AsyncRead + AsyncWrite + Unpin,
-{
-    let mut client = Counted::new(client, mesh.connections.open(meta), Orientation::FacesSource);
-    copy::bidirectional(&mut client, &mut upstream, mesh.carried.idle_timeout).await
-}
-
-/// Records a connection that could not be carried and resets the client: it already holds an
-/// established connection to us, and a reset is the closest we can come to the refusal it
-/// would have seen without the mesh.
-fn fail(
-    mesh: &Mesh,
-    client: &TcpStream,
-    meta: &ConnMeta,
-    flags: ResponseFlags,
-    error: impl Into<String>,
-) -> io::Error {
-    let error = error.into();
-    reset(client);
-    mesh.connections.failed(meta, flags, &error);
-    io::Error::other(error)
-}
-
 /// The TLS config for a new HBONE connection. The pool asks only when it must dial, so a warm
 /// pool costs no certificate work per connection.
 fn dial_config(mesh: &Mesh, src: &Identity, dst_identity: &str) -> Result<Arc<tls::ClientConfig>, TlsError> {
@@ -310,11 +284,6 @@ fn self_target(dst: SocketAddr, is_local: impl Fn(IpAddr) -> bool, own_ports: &[
     } else {
         None
     }
-}
-
-/// Linger 0 turns the coming close into an RST.
-fn reset(conn: &TcpStream) {
-    let _ = SockRef::from(conn).set_linger(Some(std::time::Duration::ZERO));
 }
 
 #[cfg(test)]
