@@ -318,8 +318,12 @@ fn idle_connections(topo: &Topology, path: PathKind) -> Result<f64> {
         Duration::from_secs(30),
         "the held connections to close",
         || match established(&topo.cluster, server, HTTP_PORT) {
-            Ok(0) => Ok(()),
-            Ok(n) => Err(format!("{n} still established")),
+            Ok(sockets) if sockets.is_empty() => Ok(()),
+            Ok(sockets) => Err(format!(
+                "{} still established: {}",
+                sockets.len(),
+                sockets.join("; ")
+            )),
             Err(e) => Err(format!("{e:#}")),
         },
     )?;
@@ -360,9 +364,16 @@ fn accepted(cluster: &Cluster, pod: &Pod) -> Result<u64> {
 }
 
 /// Established TCP connections on the pod's local `port`.
-fn established(cluster: &Cluster, pod: &Pod, port: u16) -> Result<usize> {
+fn established(cluster: &Cluster, pod: &Pod, port: u16) -> Result<Vec<String>> {
     let mut ss = Command::new("ss");
-    ss.args(["-Htn", "state", "established", &format!("( sport = :{port} )")]);
+    // With timers (-o) and the owning process (-p), so a connection that does not close says
+    // who holds it and whether anything is still trying.
+    ss.args(["-Htnpo", "state", "established", &format!("( sport = :{port} )")]);
     let out = cluster.exec_in_pod(pod, ss)?.success()?;
-    Ok(out.stdout.lines().filter(|l| !l.trim().is_empty()).count())
+    Ok(out
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect())
 }
