@@ -323,6 +323,15 @@ pub fn interface_with_address(ip: IpAddr) -> Result<Option<String>, NetlinkError
         .map(|index| ifname(index).unwrap_or_else(|| index.to_string())))
 }
 
+/// Every address of this network namespace's interfaces.
+pub fn local_addresses() -> Result<std::collections::HashSet<IpAddr>, NetlinkError> {
+    Ok(Netlink::open()?
+        .addresses()?
+        .into_iter()
+        .map(|(_, ip)| ip)
+        .collect())
+}
+
 /// A pod's interface in its own network namespace and the index of its veth peer in the
 /// namespace across the pair (`IFLA_LINK`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -619,18 +628,31 @@ impl Netlink {
 
     /// The index of the interface holding `ip`.
     fn address_holder(&mut self, ip: IpAddr) -> Result<Option<u32>, NetlinkError> {
+        Ok(self
+            .addresses()?
+            .into_iter()
+            .find_map(|(index, a)| (a == ip).then_some(index)))
+    }
+
+    /// Every address of this namespace's interfaces, with the index of the interface holding it.
+    fn addresses(&mut self) -> Result<Vec<(u32, IpAddr)>, NetlinkError> {
         let msgs = self.dump(RouteNetlinkMessage::GetAddress(AddressMessage::default()), || {
             "listing addresses".to_string()
         })?;
-        Ok(msgs.into_iter().find_map(|msg| {
-            let RouteNetlinkMessage::NewAddress(addr) = msg else {
-                return None;
-            };
-            addr.attributes
-                .iter()
-                .any(|a| matches!(a, AddressAttribute::Address(a) | AddressAttribute::Local(a) if *a == ip))
-                .then_some(addr.header.index)
-        }))
+        Ok(msgs
+            .into_iter()
+            .filter_map(|msg| match msg {
+                RouteNetlinkMessage::NewAddress(addr) => Some(addr),
+                _ => None,
+            })
+            .flat_map(|addr| {
+                let index = addr.header.index;
+                addr.attributes.into_iter().filter_map(move |a| match a {
+                    AddressAttribute::Address(ip) | AddressAttribute::Local(ip) => Some((index, ip)),
+                    _ => None,
+                })
+            })
+            .collect())
     }
 
     /// Interface `index`: whether it is a veth, and its peer (`IFLA_LINK`, and whether that

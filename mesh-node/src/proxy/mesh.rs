@@ -128,11 +128,10 @@ impl Mesh {
                 }
                 _ = refresh.tick() => {
                     let mesh = self.clone();
-                    let read = tokio::task::spawn_blocking(move || mesh.local_addrs.refresh())
-                        .await
-                        .unwrap_or_else(|e| Err(std::io::Error::other(e)));
-                    if let Err(e) = read {
-                        warn!(error = %e, "reading the node's addresses failed");
+                    match tokio::task::spawn_blocking(move || mesh.local_addrs.refresh()).await {
+                        Ok(Ok(())) => {}
+                        Ok(Err(e)) => warn!(error = %e, "reading the node's addresses failed"),
+                        Err(e) => warn!(error = %e, "reading the node's addresses failed"),
                     }
                 }
             }
