@@ -23,9 +23,12 @@ pub const MAP_COUNTERS: &str = "mesh_counters";
 pub const MAP_LOCAL_IPS: &str = "mesh_local_ips";
 /// The single [`TcConfig`] of the tc programs: the capture and proxy marks.
 pub const MAP_TC_CONFIG: &str = "mesh_tc_config";
+/// Enrolled pods' host-side veth ifindex → [`PodGateway`]: the node's link-layer address to
+/// which a pod's reply to one of the proxy's transparent sockets is re-addressed.
+pub const MAP_POD_GW: &str = "mesh_pod_gw";
 
 /// Every map of the object, in pin order.
-pub const MAP_NAMES: [&str; 9] = [
+pub const MAP_NAMES: [&str; 10] = [
     MAP_CONFIG,
     MAP_ENROLLED,
     MAP_COOKIE_DST,
@@ -35,6 +38,7 @@ pub const MAP_NAMES: [&str; 9] = [
     MAP_COUNTERS,
     MAP_LOCAL_IPS,
     MAP_TC_CONFIG,
+    MAP_POD_GW,
 ];
 
 /// Program (ELF symbol) names. They differ from their section names on purpose: a function
@@ -48,6 +52,8 @@ pub const PROG_TC_INBOUND: &str = "mesh_tc_inbound";
 /// tc egress (TCX) on an enrolled pod's host-side veth: drops SYNs that did not come from the
 /// proxy (into a PERMISSIVE pod, nor from a socket of the node).
 pub const PROG_TC_STRICT: &str = "mesh_tc_strict";
+/// tc ingress on enrolled pods' host-side veths: replies to the proxy's transparent sockets.
+pub const PROG_TC_REPLY: &str = "mesh_tc_reply";
 
 /// Map sizes; user space checks pinned maps against them.
 pub const CONFIG_MAX_ENTRIES: u32 = 1;
@@ -58,6 +64,7 @@ pub const EXCL_PORTS_MAX_ENTRIES: u32 = 1024;
 pub const EXCL_CIDRS_MAX_ENTRIES: u32 = 1024;
 pub const LOCAL_IPS_MAX_ENTRIES: u32 = 16 * 1024;
 pub const TC_CONFIG_MAX_ENTRIES: u32 = 1;
+pub const POD_GW_MAX_ENTRIES: u32 = 16 * 1024;
 
 /// Default port of the proxy's outbound capture listener.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -102,6 +109,9 @@ pub struct ProxyConfig {
 /// `TcConfig::flags`: the entry has been written (an all-zero entry means "not configured":
 /// the tc programs then change nothing and let every packet through).
 pub const TC_CONFIG_SET: u32 = 1 << 0;
+/// `TcConfig::flags`: the proxy connects from pods' and clients' own addresses (transparent
+/// sockets, `--preserve-source`); packets that belong to one of its sockets get `reply_mark`.
+pub const TC_PRESERVE_SOURCE: u32 = 1 << 1;
 
 /// The single entry of `mesh_tc_config`. Marks are compared under masks, so the mesh shares
 /// `skb->mark` with other components that use other bits.
@@ -115,8 +125,26 @@ pub struct TcConfig {
     /// only if `mark & proxy_mask == proxy_mark`.
     pub proxy_mark: u32,
     pub proxy_mask: u32,
-    /// `TC_CONFIG_SET`.
+    /// `TC_CONFIG_SET` | `TC_PRESERVE_SOURCE`.
     pub flags: u32,
+    /// OR-ed into `skb->mark` of a packet a pod sends to one of the proxy's transparent sockets
+    /// (pod veth ingress); an unscoped rule `fwmark reply_mark/reply_mark` delivers it locally.
+    pub reply_mark: u32,
+    /// Zero.
+    pub reserved: u32,
+}
+
+/// Value of `mesh_pod_gw`: the interface at which the node's IP stack receives what the pod
+/// sends (its bridge; a routed veth itself) and that interface's MAC address: a frame that
+/// belongs to one of the proxy's transparent sockets is re-addressed to it, so that the stack,
+/// not the bridge, takes it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PodGateway {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    /// Zero.
+    pub reserved: [u8; 2],
 }
 
 /// Value of `mesh_local_ips` (key: the pod address in v6 form, `[u32; 4]`): capture inbound
@@ -257,10 +285,22 @@ pub enum Counter {
     /// neither the proxy nor the node sent them (nothing to enforce; steering still counts the
     /// connections it sees).
     PermissiveAllowedUnpoliced,
+    /// Packets from the uplink to a local pod's address that belong to one of the proxy's
+    /// transparent sockets (replies to HBONE and passthrough connections made from the pod's
+    /// address), marked for local delivery.
+    ReplyUplinkMarked,
+    /// Packets a pod sends that belong to one of the proxy's transparent sockets (its replies
+    /// to connections the proxy made from the client's address), marked for local delivery at
+    /// the pod's veth.
+    ReplyPodMarked,
+    /// Packets on their way into an enrolled pod that belong to one of the proxy's transparent
+    /// sockets (a reply from a pod outside the mesh on the same bridge, to a connection the
+    /// proxy made from the enrolled pod's address), turned back into the node's IP stack.
+    ReplyRedirected,
 }
 
 /// Number of counters (entries of `mesh_counters`).
-pub const COUNTER_COUNT: u32 = 30;
+pub const COUNTER_COUNT: u32 = 33;
 
 /// Name of each counter, indexed by `Counter as usize`.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -294,11 +334,15 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "permissive_dropped",
     "permissive_allowed_node",
     "permissive_allowed_unpoliced",
+    "reply_uplink_marked",
+    "reply_pod_marked",
+    "reply_redirected",
 ];
 
 // The counter list and its names must stay in step.
-const _: () = assert!(Counter::PermissiveAllowedUnpoliced as u32 + 1 == COUNTER_COUNT);
-const _: () = assert!(core::mem::size_of::<TcConfig>() == 16);
+const _: () = assert!(Counter::ReplyRedirected as u32 + 1 == COUNTER_COUNT);
+const _: () = assert!(core::mem::size_of::<TcConfig>() == 24);
+const _: () = assert!(core::mem::size_of::<PodGateway>() == 12);
 const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<Enrollment>() == 8);
 const _: () = assert!(core::mem::size_of::<OrigDst>() == 24);
@@ -316,6 +360,7 @@ mod user {
     unsafe impl aya::Pod for OrigDst {}
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for TcConfig {}
+    unsafe impl aya::Pod for PodGateway {}
 
     /// The v6 form (IPv4 as v4-mapped) of an address, as stored in the maps.
     pub fn addr_from_ip(ip: IpAddr) -> [u32; 4] {

@@ -11,8 +11,10 @@
 //! - tc ingress on the node's uplink: mark inbound HBONE to local pods for capture by policy
 //!   routing (`tc_inbound.rs`).
 //! - tc egress on enrolled pods' host-side veths: drop SYNs that do not carry the proxy's mark
-//!   (into a PERMISSIVE pod, nor come from a socket of the node) (`tc_strict.rs`). Both share
+//!   (into a PERMISSIVE pod, nor come from a socket of the node) (`tc_strict.rs`). The tc programs share
 //!   maps and a header parser (`tc.rs`).
+//! - tc ingress on enrolled pods' host-side veths: deliver pods' replies to the proxy's
+//!   transparent sockets (connections made from the client's address) locally (`tc_reply.rs`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
@@ -30,6 +32,8 @@ mod sockops;
 mod tc;
 #[cfg(target_arch = "bpf")]
 mod tc_inbound;
+#[cfg(target_arch = "bpf")]
+mod tc_reply;
 #[cfg(target_arch = "bpf")]
 mod tc_strict;
 

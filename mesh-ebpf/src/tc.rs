@@ -1,23 +1,37 @@
-//! What the two tc programs share: their maps, their config, and a small TCP/IP header parser.
+//! What the tc programs share: their maps, their config, and a small TCP/IP header parser.
 //!
 //! Headers are read with `bpf_skb_load_bytes` (aya's `load`), not by direct packet access: a
 //! variable IPv4 header length or a chain of IPv6 extension headers then needs no bounds proofs
 //! for the verifier, and a short packet is simply "not TCP".
 
 use aya_ebpf::{
-    bindings::__sk_buff,
+    bindings::{
+        __sk_buff, bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN,
+    },
+    helpers::generated::{bpf_sk_release, bpf_skc_lookup_tcp},
     macros::map,
     maps::{Array, HashMap},
     programs::TcContext,
 };
-use core::ptr::{addr_of, addr_of_mut};
-use mesh_common::{v4_mapped, TcConfig, LOCAL_IPS_MAX_ENTRIES, TC_CONFIG_MAX_ENTRIES, TC_CONFIG_SET};
+use core::{
+    mem::size_of,
+    ptr::{addr_of, addr_of_mut},
+};
+use mesh_common::{
+    is_v4_mapped, v4_mapped, PodGateway, TcConfig, LOCAL_IPS_MAX_ENTRIES, POD_GW_MAX_ENTRIES,
+    TC_CONFIG_MAX_ENTRIES, TC_CONFIG_SET,
+};
 
 use crate::ctx::{rd, wr};
 
 /// Local pod address (v6 form) → `LOCAL_IP_CAPTURE_INBOUND` | `LOCAL_IP_PERMISSIVE`.
 #[map(name = "mesh_local_ips")]
 pub static MESH_LOCAL_IPS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(LOCAL_IPS_MAX_ENTRIES, 0);
+
+/// Enrolled pod's host-side veth ifindex → the node's link-layer address for its frames.
+#[map(name = "mesh_pod_gw")]
+pub static MESH_POD_GW: HashMap<u32, PodGateway> = HashMap::with_max_entries(POD_GW_MAX_ENTRIES, 0);
 
 #[map(name = "mesh_tc_config")]
 pub static MESH_TC_CONFIG: Array<TcConfig> = Array::with_max_entries(TC_CONFIG_MAX_ENTRIES, 0);
@@ -229,5 +243,45 @@ fn tcp_at(ctx: &TcContext, off: usize, src: [u32; 4], dst: [u32; 4], fragment: b
             flags: 0,
             fragment: true,
         }),
+    }
+}
+
+/// A socket of this namespace (not a listener) owns the packet's 4-tuple.
+#[inline(always)]
+pub fn has_socket(ctx: &TcContext, tcp: &Tcp) -> bool {
+    let (mut tuple, size) = tuple(tcp, tcp.dst_port);
+    let sk = unsafe { lookup(ctx, &mut tuple, size) };
+    if sk.is_null() {
+        return false;
+    }
+    let state = unsafe { rd(addr_of_mut!((*sk).state)) };
+    unsafe { bpf_sk_release(sk.cast()) };
+    state != BPF_TCP_LISTEN
+}
+
+#[inline(always)]
+pub unsafe fn lookup(ctx: &TcContext, tuple: &mut bpf_sock_tuple, size: u32) -> *mut bpf_sock {
+    unsafe { bpf_skc_lookup_tcp(ctx.skb.skb.cast(), tuple, size, BPF_F_CURRENT_NETNS as u64, 0) }
+}
+
+/// The packet's tuple with destination port `dport`, and its size for the lookup helpers.
+#[inline(always)]
+pub fn tuple(tcp: &Tcp, dport: u16) -> (bpf_sock_tuple, u32) {
+    // SAFETY: a plain C union of integers; all-zero is a valid value of either member.
+    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    if is_v4_mapped(&tcp.dst) {
+        let v4 = unsafe { &mut t.__bindgen_anon_1.ipv4 };
+        v4.saddr = tcp.src[3];
+        v4.daddr = tcp.dst[3];
+        v4.sport = tcp.src_port.to_be();
+        v4.dport = dport.to_be();
+        (t, size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32)
+    } else {
+        let v6 = unsafe { &mut t.__bindgen_anon_1.ipv6 };
+        v6.saddr = tcp.src;
+        v6.daddr = tcp.dst;
+        v6.sport = tcp.src_port.to_be();
+        v6.dport = dport.to_be();
+        (t, size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32)
     }
 }

@@ -1,4 +1,4 @@
-//! tc ingress (TCX) on the node's uplink. Two jobs, both for local enrolled pods
+//! tc ingress (TCX) on the node's uplink. Three jobs, both for local enrolled pods
 //! (`mesh_local_ips`); every packet they concern gets the capture mark OR-ed into `skb->mark`.
 //! A policy-routing rule scoped to the uplink (`iif <uplink> fwmark CAPTURE/CAPTURE lookup T`,
 //! `local 0.0.0.0/0 dev lo table T`) then delivers it locally instead of forwarding it to the pod.
@@ -15,26 +15,28 @@
 //!   apart, so it is marked: a SYN hidden in one then goes to no socket rather than around the
 //!   proxy.
 //!
+//! - Replies to the proxy's own connections made from a local pod's address (HBONE and
+//!   passthrough with `--preserve-source`, `TC_PRESERVE_SOURCE`): a packet to a local pod that
+//!   belongs to a socket of this namespace (the proxy's transparent one; never a listener) is
+//!   marked, so it reaches that socket instead of being forwarded to the pod.
+//!
 //! The program never drops and never decides policy: it returns `TCX_NEXT` for everything.
 
 use aya_ebpf::{
-    bindings::{
-        bpf_sock, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1,
-        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2, BPF_F_CURRENT_NETNS, BPF_TCP_LISTEN,
-    },
-    helpers::generated::{bpf_sk_assign, bpf_sk_release, bpf_skc_lookup_tcp},
+    bindings::BPF_TCP_LISTEN,
+    helpers::generated::{bpf_sk_assign, bpf_sk_release},
     macros::classifier,
     programs::TcContext,
 };
-use core::{mem::size_of, ptr::addr_of_mut};
-use mesh_common::{is_v4_mapped, Counter, HBONE_PORT, LOCAL_IP_PERMISSIVE};
+use core::ptr::addr_of_mut;
+use mesh_common::{Counter, HBONE_PORT, LOCAL_IP_PERMISSIVE, TC_PRESERVE_SOURCE};
 
 use crate::{
     ctx::rd,
     maps::{config, count},
     tc::{
-        ipv6_dst, mark, parse, set_mark, tc_config, Parsed, Tcp, MESH_LOCAL_IPS, TCP_FLAG_ACK, TCP_FLAG_SYN,
-        TCX_NEXT,
+        has_socket, ipv6_dst, lookup, mark, parse, set_mark, tc_config, tuple, Parsed, Tcp, MESH_LOCAL_IPS,
+        TCP_FLAG_ACK, TCP_FLAG_SYN, TCX_NEXT,
     },
 };
 
@@ -62,8 +64,13 @@ fn inbound(ctx: &TcContext) {
     let capture = if tcp.dst_port == HBONE_PORT {
         count(Counter::InboundMarked);
         true
+    } else if pod_flags & LOCAL_IP_PERMISSIVE != 0 && steer_plain(ctx, &tcp) {
+        true
+    } else if cfg.flags & TC_PRESERVE_SOURCE != 0 && !tcp.fragment && has_socket(ctx, &tcp) {
+        count(Counter::ReplyUplinkMarked);
+        true
     } else {
-        pod_flags & LOCAL_IP_PERMISSIVE != 0 && steer_plain(ctx, &tcp)
+        false
     };
     if capture {
         set_mark(ctx, mark(ctx) | cfg.capture_mark);
@@ -109,19 +116,6 @@ fn steer_plain(ctx: &TcContext, tcp: &Tcp) -> bool {
     true
 }
 
-/// A socket of this namespace (not a listener) owns the packet's 4-tuple.
-#[inline(always)]
-fn has_socket(ctx: &TcContext, tcp: &Tcp) -> bool {
-    let (mut tuple, size) = tuple(tcp, tcp.dst_port);
-    let sk = unsafe { lookup(ctx, &mut tuple, size) };
-    if sk.is_null() {
-        return false;
-    }
-    let state = unsafe { rd(addr_of_mut!((*sk).state)) };
-    unsafe { bpf_sk_release(sk.cast()) };
-    state != BPF_TCP_LISTEN
-}
-
 /// Assigns the packet to the listener on `port` that accepts for the packet's destination
 /// address (the proxy's transparent `*:port`).
 #[inline(always)]
@@ -135,31 +129,4 @@ fn assign(ctx: &TcContext, tcp: &Tcp, port: u16) -> bool {
     let assigned = state == BPF_TCP_LISTEN && unsafe { bpf_sk_assign(ctx.skb.skb.cast(), sk.cast(), 0) } == 0;
     unsafe { bpf_sk_release(sk.cast()) };
     assigned
-}
-
-#[inline(always)]
-unsafe fn lookup(ctx: &TcContext, tuple: &mut bpf_sock_tuple, size: u32) -> *mut bpf_sock {
-    unsafe { bpf_skc_lookup_tcp(ctx.skb.skb.cast(), tuple, size, BPF_F_CURRENT_NETNS as u64, 0) }
-}
-
-/// The packet's tuple with destination port `dport`, and its size for the lookup helpers.
-#[inline(always)]
-fn tuple(tcp: &Tcp, dport: u16) -> (bpf_sock_tuple, u32) {
-    // SAFETY: a plain C union of integers; all-zero is a valid value of either member.
-    let mut t: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    if is_v4_mapped(&tcp.dst) {
-        let v4 = unsafe { &mut t.__bindgen_anon_1.ipv4 };
-        v4.saddr = tcp.src[3];
-        v4.daddr = tcp.dst[3];
-        v4.sport = tcp.src_port.to_be();
-        v4.dport = dport.to_be();
-        (t, size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1>() as u32)
-    } else {
-        let v6 = unsafe { &mut t.__bindgen_anon_1.ipv6 };
-        v6.saddr = tcp.src;
-        v6.daddr = tcp.dst;
-        v6.sport = tcp.src_port.to_be();
-        v6.dport = dport.to_be();
-        (t, size_of::<bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2>() as u32)
-    }
 }

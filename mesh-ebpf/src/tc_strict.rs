@@ -22,6 +22,9 @@
 //! - Without its configuration (the marks) the program cannot tell the proxy's SYNs from
 //!   others: it drops every connection attempt rather than let them all in.
 //!
+//! - A packet of an established flow that belongs to one of the proxy's transparent sockets is
+//!   not the pod's: it is turned back into the node's IP stack (`tc_reply.rs`).
+//!
 //! Everything else passes: established flows, the pod's own outgoing connections (their
 //! SYN-ACKs), ICMP, UDP (STRICT does not cover UDP).
 //!
@@ -39,12 +42,14 @@ use crate::{
         ethertype, mark, parse, tc_config, vlan_tagged, Parsed, ETH_P_ARP, ETH_P_IP, ETH_P_IPV6,
         MESH_LOCAL_IPS, TCP_FLAG_ACK, TCP_FLAG_SYN, TCX_DROP, TCX_NEXT,
     },
+    tc_reply::reply_into_pod,
 };
 
 #[classifier]
 pub fn mesh_tc_strict(ctx: TcContext) -> i32 {
     match verdict(&ctx) {
         Verdict::Pass => TCX_NEXT,
+        Verdict::Redirect(action) => action,
         Verdict::Drop(counter) => {
             count(counter);
             TCX_DROP
@@ -54,6 +59,9 @@ pub fn mesh_tc_strict(ctx: TcContext) -> i32 {
 
 enum Verdict {
     Pass,
+    /// A reply to one of the proxy's transparent sockets, turned back to the node's stack
+    /// (`tc_reply.rs`); the action `bpf_redirect` returned.
+    Redirect(i32),
     /// Dropped, counted under this counter.
     Drop(Counter),
 }
@@ -75,7 +83,12 @@ fn verdict(ctx: &TcContext) -> Verdict {
         {
             Some(tcp.dst)
         }
-        Parsed::Tcp(_) | Parsed::Other => return Verdict::Pass,
+        Parsed::Tcp(tcp) => {
+            return tc_config()
+                .and_then(|cfg| reply_into_pod(ctx, &cfg, &tcp))
+                .map_or(Verdict::Pass, Verdict::Redirect)
+        }
+        Parsed::Other => return Verdict::Pass,
         Parsed::Opaque => None,
     };
     let Some(cfg) = tc_config() else {

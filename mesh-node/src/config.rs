@@ -164,6 +164,19 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_PROXY_MARK", default_value = "0x2000", value_parser = parse_mark)]
     pub proxy_mark: u32,
 
+    /// Keep the client's address (true|false): the proxy connects from the source pod's IP (HBONE
+    /// and passthrough) and delivers to a pod from the original client's IP, so peers, apps and
+    /// NetworkPolicies see the pod, not the node. Needs transparent sockets (CAP_NET_ADMIN) and
+    /// policy routing; the agent refuses to start without them.
+    #[arg(long, env = "MESH_PRESERVE_SOURCE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub preserve_source: bool,
+
+    /// Mark bit(s) put on a pod's replies to the proxy's transparent sockets (--preserve-source)
+    /// at the pod's veth, and matched by an unscoped routing rule to deliver them locally
+    /// (decimal or 0x-hex). Must not share bits with the other marks.
+    #[arg(long, env = "MESH_REPLY_MARK", default_value = "0x40", value_parser = parse_mark)]
+    pub reply_mark: u32,
+
     /// Routing table holding the capture route (`local 0.0.0.0/0 dev lo`, `local ::/0 dev lo`).
     #[arg(long, env = "MESH_CAPTURE_TABLE", default_value_t = DEFAULT_CAPTURE_TABLE)]
     pub capture_table: u32,
@@ -256,6 +269,8 @@ pub struct Config {
     pub capture: CaptureConfig,
     /// Caps and timeouts of the listeners and carried connections.
     pub limits: Limits,
+    /// Connect to pods, HBONE peers and passthrough destinations from the client's own address.
+    pub preserve_source: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -272,7 +287,7 @@ pub enum ConfigError {
     ZeroOutboundPort,
     #[error("--exclude-port: 0 is not a port")]
     ZeroExcludedPort,
-    #[error("--capture-mark/--proxy-mark: {0}")]
+    #[error("--capture-mark/--proxy-mark/--reply-mark: {0}")]
     BadMarks(String),
     #[error("--capture-table: {0} is reserved (0, 253 default, 254 main, 255 local)")]
     ReservedCaptureTable(u32),
@@ -323,6 +338,7 @@ impl RunArgs {
         let marks = Marks {
             capture: self.capture_mark,
             proxy: self.proxy_mark,
+            reply: self.reply_mark,
         };
         marks.validate().map_err(ConfigError::BadMarks)?;
         if self.capture_table == 0 || (253..=255).contains(&self.capture_table) {
@@ -389,6 +405,7 @@ impl RunArgs {
                 rule_priority: self.capture_rule_priority,
             },
             limits,
+            preserve_source: self.preserve_source,
         })
     }
 
@@ -535,7 +552,8 @@ mod tests {
             c.capture.marks,
             Marks {
                 capture: 0x1000,
-                proxy: 0x2000
+                proxy: 0x2000,
+                reply: 0x40
             }
         );
         let c = parse(&[
@@ -558,7 +576,8 @@ mod tests {
             c.capture.marks,
             Marks {
                 capture: 0x4000_0000,
-                proxy: 0x100
+                proxy: 0x100,
+                reply: 0x40
             }
         );
         assert_eq!((c.capture.table, c.capture.rule_priority), (300, 90));
@@ -566,6 +585,7 @@ mod tests {
             (vec!["--capture-mark", "0x3000"], "--capture-mark"),
             (vec!["--capture-mark", "0"], "--capture-mark"),
             (vec!["--proxy-mark", "zz"], "--proxy-mark"),
+            (vec!["--reply-mark", "0x1040"], "--reply-mark"),
             (vec!["--capture-table", "254"], "--capture-table"),
             (vec!["--capture-rule-priority", "0"], "--capture-rule-priority"),
         ] {

@@ -152,7 +152,7 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
     ];
 
     let mut datapath = ebpf::Datapath::start(&cfg.datapath)?;
-    datapath.set_marks(cfg.capture.marks)?;
+    datapath.set_tc(cfg.capture.marks, cfg.preserve_source)?;
     let reader = Arc::new(datapath.reopen()?);
     let (report_tx, report) = watch::channel(Arc::new(enrollment::Report::default()));
     let admin = admin::Admin {
@@ -235,7 +235,7 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
     // makes, and are bounded by --connect-timeout.
     let (mark, keepalive) = (cfg.capture.marks.proxy, cfg.limits.carried.keepalive);
     let dialer: Dialer =
-        Arc::new(move |addr| Box::pin(proxy::upstream::connect_marked(addr, mark, keepalive)));
+        Arc::new(move |src, dst| Box::pin(proxy::upstream::connect_marked(dst, src, mark, keepalive)));
     let pool_config = PoolConfig {
         connect_timeout: cfg.connect_timeout,
         idle_timeout: cfg.hbone_idle_timeout,
@@ -258,7 +258,8 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
             cfg.connect_timeout,
             connections,
         )
-        .with_carried(cfg.limits.carried),
+        .with_carried(cfg.limits.carried)
+        .with_preserve_source(cfg.preserve_source),
     );
     tasks.push(tokio::spawn(mesh.clone().maintain(stop.clone())));
     let (out_cfg, out_mesh) = (cfg.clone(), mesh.clone());

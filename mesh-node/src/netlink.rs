@@ -5,12 +5,17 @@
 //!
 //! ```text
 //! rule   pref <priority> iif <uplink> fwmark <mark>/<mark> lookup <table> proto 160
+//! rule   pref <priority> fwmark <reply>/<reply> lookup <table> proto 160
 //! route  local 0.0.0.0/0 dev lo table <table> proto 160        (IPv6: local ::/0)
 //! ```
 //!
-//! deliver them locally, to the proxy's transparent listener on `*:15008`. The rule is scoped to
-//! the uplink: unscoped, it would also catch the proxy's own outgoing packets whose mark shares
-//! the bit, and the proxy's connects to pods would fail (ENETUNREACH).
+//! deliver them locally, to the proxy's transparent listener on `*:15008`, or to its
+//! transparent socket whose reply it is (a connection made from a pod's or a client's address,
+//! `--preserve-source`). The capture rule is scoped to the uplink: unscoped, it would also catch
+//! the proxy's own outgoing packets if their mark shared the bit, and the proxy's connects to
+//! pods would fail (ENETUNREACH). The reply rule cannot be scoped (pods' replies come in over
+//! their veths or their bridge, whichever the CNI uses); its mark is one only the pod veths' tc
+//! program sets, disjoint from the proxy's socket mark.
 //!
 //! What is ours is recognised by the routing protocol number [`RT_PROTO_MESH`] on rules and
 //! routes: [`ensure_capture_routing`] makes ours equal the desired ones (keeps what matches,
@@ -98,6 +103,7 @@ impl CaptureConfig {
         Ok(CaptureRouting {
             uplink,
             mark: self.marks.capture,
+            reply_mark: self.marks.reply,
             table: self.table,
             priority: self.rule_priority,
             ipv4: any || node_ips.iter().any(IpAddr::is_ipv4),
@@ -110,8 +116,11 @@ impl CaptureConfig {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CaptureRouting {
     pub uplink: String,
-    /// Matched as `fwmark mark/mark`.
+    /// Matched as `fwmark mark/mark`, from the uplink.
     pub mark: u32,
+    /// Matched as `fwmark reply_mark/reply_mark` from any interface: pods' replies to the
+    /// proxy's transparent sockets, which come in over their veths (or the bridge).
+    pub reply_mark: u32,
     pub table: u32,
     pub priority: u32,
     pub ipv4: bool,
@@ -225,14 +234,20 @@ pub fn ensure_capture_routing(routing: &CaptureRouting) -> Result<RoutingDiff, N
 
     let want_rules: Vec<Rule> = families
         .iter()
-        .map(|f| Rule {
-            family: *f,
-            priority: routing.priority,
-            iif: Some(routing.uplink.clone()),
-            fwmark: routing.mark,
-            fwmask: routing.mark,
-            table: routing.table,
-            protocol: RT_PROTO_MESH,
+        .flat_map(|f| {
+            [
+                (Some(routing.uplink.clone()), routing.mark),
+                (None, routing.reply_mark),
+            ]
+            .map(|(iif, mark)| Rule {
+                family: *f,
+                priority: routing.priority,
+                iif,
+                fwmark: mark,
+                fwmask: mark,
+                table: routing.table,
+                protocol: RT_PROTO_MESH,
+            })
         })
         .collect();
     let rules = nl.rules()?;
@@ -360,6 +375,20 @@ pub fn pod_link(pod_ip: IpAddr) -> Result<PodLink, NetlinkError> {
     }
 }
 
+/// Where the node's IP stack receives what a pod on host-side veth `ifindex` sends, and that
+/// interface's link-layer address: its bridge, when the veth is a bridge port (a frame to
+/// another port's address would be switched past the stack), else the veth itself. `None`
+/// without a link-layer address.
+pub fn pod_gateway(ifindex: u32) -> Result<Option<(u32, [u8; 6])>, NetlinkError> {
+    let mut nl = Netlink::open()?;
+    let veth = nl.link(ifindex)?;
+    let (index, link) = match veth.master {
+        Some(master) => (master, nl.link(master)?),
+        None => (ifindex, veth),
+    };
+    Ok(link.mac.map(|mac| (index, mac)))
+}
+
 /// The veth peer index of interface `ifindex` of this network namespace, if it is a veth whose
 /// peer is in another one.
 pub fn veth_peer(ifindex: u32) -> Result<Option<u32>, NetlinkError> {
@@ -381,8 +410,8 @@ fn uplink_of(node_ips: &[IpAddr]) -> Result<String, NetlinkError> {
 }
 
 fn validate(r: &CaptureRouting) -> Result<(), NetlinkError> {
-    if r.mark == 0 {
-        return Err(NetlinkError::InvalidConfig("capture mark is 0".into()));
+    if r.mark == 0 || r.reply_mark == 0 {
+        return Err(NetlinkError::InvalidConfig("capture or reply mark is 0".into()));
     }
     // 0 is "unspecified"; 253-255 are the kernel's default, main and local tables.
     if r.table == 0 || (253..=255).contains(&r.table) {
@@ -677,6 +706,8 @@ impl Netlink {
             match attr {
                 LinkAttribute::Link(peer) => link.peer = Some(*peer),
                 LinkAttribute::LinkNetNsId(_) => link.peer_netns = true,
+                LinkAttribute::Controller(master) => link.master = Some(*master),
+                LinkAttribute::Address(mac) => link.mac = <[u8; 6]>::try_from(mac.as_slice()).ok(),
                 LinkAttribute::LinkInfo(infos) => {
                     link.veth |= infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth)));
                 }
@@ -821,6 +852,9 @@ struct Link {
     veth: bool,
     peer: Option<u32>,
     peer_netns: bool,
+    /// The bridge (or other master) it is a port of.
+    master: Option<u32>,
+    mac: Option<[u8; 6]>,
 }
 
 /// `SO_RCVTIMEO`: a `recv` on the socket fails with `EAGAIN` after `timeout`.
@@ -898,6 +932,7 @@ mod tests {
         let ok = CaptureRouting {
             uplink: "eth0".into(),
             mark: 0x1000,
+            reply_mark: 0x40,
             table: DEFAULT_CAPTURE_TABLE,
             priority: DEFAULT_RULE_PRIORITY,
             ipv4: true,
@@ -923,6 +958,10 @@ mod tests {
             },
             CaptureRouting {
                 mark: 0,
+                ..ok.clone()
+            },
+            CaptureRouting {
+                reply_mark: 0,
                 ..ok.clone()
             },
             CaptureRouting {

@@ -307,6 +307,7 @@ impl Client {
         let key = PoolKey {
             src_identity: svid.identity().to_string(),
             dst_identity: dst_identity.to_string(),
+            src: None,
             dst: server,
         };
         Client {
@@ -1041,7 +1042,7 @@ async fn failed_dial_is_shared_by_concurrent_callers() {
         // Hold the dial at the TCP connect until all callers are waiting on it.
         let gate = Arc::new(tokio::sync::Semaphore::new(0));
         let g = gate.clone();
-        let dialer: hbone::client::Dialer = Arc::new(move |addr| {
+        let dialer: hbone::client::Dialer = Arc::new(move |_, addr| {
             let g = g.clone();
             Box::pin(async move {
                 g.acquire().await.unwrap().forget();

@@ -17,6 +17,7 @@ fn key() -> PoolKey {
     PoolKey {
         src_identity: "spiffe://cluster.local/ns/shop/sa/web".into(),
         dst_identity: "spiffe://cluster.local/ns/shop/sa/cart".into(),
+        src: None,
         dst: "127.0.0.1:15008".parse().unwrap(),
     }
 }
@@ -66,7 +67,7 @@ fn a_dial_cancelled_before_it_finishes_leaves_nothing_pending() {
     // The first dial never connects; later ones are refused at once.
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
-    let dialer: Dialer = Arc::new(move |_| {
+    let dialer: Dialer = Arc::new(move |_, _| {
         let first = counted.fetch_add(1, Ordering::SeqCst) == 0;
         Box::pin(async move {
             if first {
@@ -107,7 +108,7 @@ fn a_dial_cancelled_before_it_finishes_leaves_nothing_pending() {
 
 #[test]
 fn a_dial_whose_task_panics_fails_its_callers_and_leaves_nothing_pending() {
-    let dialer: Dialer = Arc::new(|_| Box::pin(async { panic!("dialer bug") }));
+    let dialer: Dialer = Arc::new(|_, _| Box::pin(async { panic!("dialer bug") }));
     let pool = Pool::with_dialer(PoolConfig::default(), dialer);
     let rt = runtime();
     rt.block_on(async {

@@ -162,7 +162,7 @@ fn exchange(
 fn proxy_exchange(node: &Node, dst: SocketAddr, mark: u32) -> io::Result<SocketAddr> {
     let conn = in_netns(&node.netns, || {
         tokio_rt().block_on(async {
-            match tokio::time::timeout(OK_WITHIN, connect_marked(dst, mark, Default::default())).await {
+            match tokio::time::timeout(OK_WITHIN, connect_marked(dst, None, mark, Default::default())).await {
                 Ok(r) => r.and_then(|s| s.into_std()),
                 Err(_) => Err(io::Error::new(
                     io::ErrorKind::TimedOut,
@@ -494,8 +494,8 @@ fn inbound_hbone_is_captured_by_the_transparent_listener() {
     let routing = agent.ensure_routing();
     assert_eq!(
         routing.added.len(),
-        4,
-        "one rule and one route per family: {routing:?}"
+        6,
+        "two rules (capture, reply) and one route per family: {routing:?}"
     );
     let inbound = agent.set_inbound(&na.uplink, &[&a1]);
     assert!(inbound.attached);
@@ -738,12 +738,15 @@ fn idempotent_restart_reuses_links_uninstall_removes_everything() {
     let expect_applied = |what: &str| {
         let rules4 = capture_rules(&cluster, &na, "-4");
         let rules6 = capture_rules(&cluster, &na, "-6");
-        assert_eq!(rules4.len(), 1, "{what}: IPv4 rules {rules4:?}");
-        assert_eq!(rules6.len(), 1, "{what}: IPv6 rules {rules6:?}");
+        assert_eq!(rules4.len(), 2, "{what}: IPv4 rules {rules4:?}");
+        assert_eq!(rules6.len(), 2, "{what}: IPv6 rules {rules6:?}");
         for rule in rules4.iter().chain(&rules6) {
             assert!(rule.starts_with("80:"), "{what}: priority: {rule}");
-            assert!(rule.contains("iif eth0"), "{what}: scoped to the uplink: {rule}");
-            assert!(rule.contains("fwmark 0x1000/0x1000"), "{what}: {rule}");
+            // Inbound capture from the uplink only; pods' replies to the proxy's transparent
+            // sockets from wherever they come in.
+            let capture = rule.contains("iif eth0") && rule.contains("fwmark 0x1000/0x1000");
+            let reply = !rule.contains("iif") && rule.contains("fwmark 0x40/0x40");
+            assert!(capture || reply, "{what}: {rule}");
         }
         let routes4 = capture_routes(&cluster, &na, "-4");
         let routes6 = capture_routes(&cluster, &na, "-6");
@@ -767,6 +770,11 @@ fn idempotent_restart_reuses_links_uninstall_removes_everything() {
             vec!["mesh_tc_strict"],
             "{what}"
         );
+        assert_eq!(
+            tcx_progs(&na, &a1.host_veth, TcAttachType::Ingress),
+            vec!["mesh_tc_reply"],
+            "{what}"
+        );
         assert!(
             tcx_progs(&na, &a2.host_veth, TcAttachType::Egress).is_empty(),
             "{what}"
@@ -785,12 +793,13 @@ fn idempotent_restart_reuses_links_uninstall_removes_everything() {
             .collect::<Vec<_>>(),
         vec![
             (TcKind::Inbound, Some("eth0".to_string())),
+            (TcKind::Reply, Some(a1.host_veth.clone())),
             (TcKind::Strict, Some(a1.host_veth.clone()))
         ]
     );
     let prog_ids = our_prog_ids(dp);
     let bpftool_before = bpftool_tcx_links(&cluster, &na, &prog_ids);
-    assert_eq!(bpftool_before.len(), 2, "bpftool link show: {bpftool_before:?}");
+    assert_eq!(bpftool_before.len(), 3, "bpftool link show: {bpftool_before:?}");
 
     // Restart: the old handle goes, a new start on the same pins.
     agent.dp = None;
@@ -848,6 +857,7 @@ fn idempotent_restart_reuses_links_uninstall_removes_everything() {
     assert!(capture_routes(&cluster, &na, "-6").is_empty());
     assert!(tcx_progs(&na, &na.bridge, TcAttachType::Ingress).is_empty());
     assert!(tcx_progs(&na, &a1.host_veth, TcAttachType::Egress).is_empty());
+    assert!(tcx_progs(&na, &a1.host_veth, TcAttachType::Ingress).is_empty());
     assert!(bpftool_tcx_links(&cluster, &na, &prog_ids).is_empty());
     assert!(!na.pin_dir.exists());
     exchange(&a2.netns, sock(a1.ipv4, APP), None, OK_WITHIN).expect("plain connection after uninstall");
@@ -869,6 +879,7 @@ fn a_replaced_set_carries_tc_links_marks_and_addresses() {
     let marks = Marks {
         capture: 0x10_0000,
         proxy: 0x20_0000,
+        reply: 0x40_0000,
     };
     let mut agent = Agent::start(&na);
     agent.dp().set_marks(marks).unwrap();
@@ -881,7 +892,7 @@ fn a_replaced_set_carries_tc_links_marks_and_addresses() {
 
     let dp = in_netns(&na.netns, || Datapath::start(&Agent::config(&na))).expect("start over a stale set");
     assert!(!dp.reused_pins());
-    assert_eq!(dp.tc_links_carried(), 2);
+    assert_eq!(dp.tc_links_carried(), 3);
     assert_eq!(dp.marks(), Some(marks), "marks carried over");
     assert_eq!(
         dp.local_ips().unwrap(),
@@ -890,7 +901,7 @@ fn a_replaced_set_carries_tc_links_marks_and_addresses() {
     );
     assert!(!na.pin_dir.join("00000000deadbeef").exists(), "stale set removed");
     let new_links = dp.tc_links().unwrap();
-    assert_eq!(new_links.len(), 2);
+    assert_eq!(new_links.len(), 3);
     for (old, new) in old_links.iter().zip(&new_links) {
         assert_eq!((old.kind, old.ifindex), (new.kind, new.ifindex));
         assert_ne!(old.link_id, new.link_id, "a new link with the new set's program");
@@ -904,6 +915,10 @@ fn a_replaced_set_carries_tc_links_marks_and_addresses() {
     assert_eq!(
         tcx_progs(&na, &a1.host_veth, TcAttachType::Egress),
         vec!["mesh_tc_strict"]
+    );
+    assert_eq!(
+        tcx_progs(&na, &a1.host_veth, TcAttachType::Ingress),
+        vec!["mesh_tc_reply"]
     );
     agent.dp = Some(dp);
     // And it enforces with the carried marks: the old proxy mark passes, the default one not.
@@ -942,6 +957,7 @@ fn errors_name_the_interface_and_the_missing_marks() {
         .set_marks(Marks {
             capture: 0x3000,
             proxy: 0x2000,
+            reply: 0x40,
         })
         .unwrap_err();
     assert!(err.to_string().contains("disjoint"), "{err}");
@@ -1072,7 +1088,7 @@ fn strict_without_config_drops() {
         .args(["map", "update", "pinned"])
         .arg(&pin)
         .args(["key", "0", "0", "0", "0", "value"])
-        .args(["0"; 16])
+        .args(vec!["0"; std::mem::size_of::<mesh_common::TcConfig>()])
         .output()
         .expect("bpftool");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

@@ -1,5 +1,6 @@
 //! Reading the wire between nodes: a packet capture on a node's port of the cluster network,
 //! to prove what crosses it.
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -27,9 +28,20 @@ pub struct Capture {
     pub bytes: Vec<u8>,
     /// Packets to or from port 15008 (HBONE).
     pub hbone_packets: usize,
+    /// Every TCP segment, in order.
+    pub segments: Vec<Segment>,
 }
 
 impl Capture {
+    /// The source addresses of the segments sent to port 15008: who opened HBONE connections.
+    pub fn hbone_sources(&self) -> std::collections::BTreeSet<IpAddr> {
+        self.segments
+            .iter()
+            .filter(|s| s.dst.port() == HBONE_PORT)
+            .map(|s| s.src.ip())
+            .collect()
+    }
+
     /// Does `needle` appear anywhere in the captured packets?
     pub fn contains(&self, needle: &[u8]) -> bool {
         self.bytes.windows(needle.len()).any(|w| w == needle)
@@ -75,41 +87,64 @@ impl Sniffer {
         self.proc.wait_exit(WAIT)?;
         let bytes = std::fs::read(&self.pcap).with_context(|| format!("reading {}", self.pcap.display()))?;
         let _ = std::fs::remove_file(&self.pcap);
+        let segments = segments(&bytes);
         Ok(Capture {
-            hbone_packets: count_port(&bytes, HBONE_PORT),
+            hbone_packets: segments
+                .iter()
+                .filter(|s| s.src.port() == HBONE_PORT || s.dst.port() == HBONE_PORT)
+                .count(),
+            segments,
             bytes,
         })
     }
 }
 
-/// Ethernet frames in a pcap file (little-endian, as tcpdump writes here) carrying TCP to or
-/// from `port`, over IPv4 or IPv6.
-fn count_port(pcap: &[u8], port: u16) -> usize {
+/// A TCP segment seen on the link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Segment {
+    pub src: SocketAddr,
+    pub dst: SocketAddr,
+}
+
+/// The TCP segments (over IPv4 or IPv6) of the Ethernet frames in a pcap file (little-endian,
+/// as tcpdump writes here).
+fn segments(pcap: &[u8]) -> Vec<Segment> {
     let mut at = PCAP_HEADER;
-    let mut n = 0;
+    let mut out = Vec::new();
     while let Some(header) = pcap.get(at..at + RECORD_HEADER) {
         let len = u32::from_le_bytes([header[8], header[9], header[10], header[11]]) as usize;
         let frame = pcap
             .get(at + RECORD_HEADER..at + RECORD_HEADER + len)
             .unwrap_or_default();
-        if tcp_ports(frame).is_some_and(|(s, d)| s == port || d == port) {
-            n += 1;
-        }
+        out.extend(segment(frame));
         at += RECORD_HEADER + len;
     }
-    n
+    out
 }
 
-fn tcp_ports(frame: &[u8]) -> Option<(u16, u16)> {
+fn segment(frame: &[u8]) -> Option<Segment> {
     let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
-    let (proto, l4) = match ethertype {
-        0x0800 => (*frame.get(23)?, 14 + usize::from(frame.get(14)? & 0x0f) * 4),
-        0x86dd => (*frame.get(20)?, 14 + 40),
+    let (proto, l4, src, dst): (u8, usize, IpAddr, IpAddr) = match ethertype {
+        0x0800 => (
+            *frame.get(23)?,
+            14 + usize::from(frame.get(14)? & 0x0f) * 4,
+            IpAddr::from(<[u8; 4]>::try_from(frame.get(26..30)?).ok()?),
+            IpAddr::from(<[u8; 4]>::try_from(frame.get(30..34)?).ok()?),
+        ),
+        0x86dd => (
+            *frame.get(20)?,
+            14 + 40,
+            IpAddr::from(<[u8; 16]>::try_from(frame.get(22..38)?).ok()?),
+            IpAddr::from(<[u8; 16]>::try_from(frame.get(38..54)?).ok()?),
+        ),
         _ => return None,
     };
     if proto != 6 {
         return None;
     }
     let p = frame.get(l4..l4 + 4)?;
-    Some((u16::from_be_bytes([p[0], p[1]]), u16::from_be_bytes([p[2], p[3]])))
+    Some(Segment {
+        src: SocketAddr::new(src, u16::from_be_bytes([p[0], p[1]])),
+        dst: SocketAddr::new(dst, u16::from_be_bytes([p[2], p[3]])),
+    })
 }

@@ -242,12 +242,15 @@ fn the_data_plane_outlives_the_controller_and_resyncs_without_duplicates() -> Re
     })?;
     ensure!(status == 200, "a stale config still serves: {status} {body}");
     let dst = SocketAddr::new(w.cart.ipv4.into(), 8080);
+    let captured_before = agent.captured().len();
     client(&w.cluster, &w.web, dst, 64 * 1024)?;
-    let peer = accept_peer(&server, 1)?.ip();
+    let (src, to) = agent.wait_nth_captured(captured_before + 1)?;
     ensure!(
-        peer != w.web.ipv4,
-        "captured (not direct) while the controller is down: {peer}"
+        src.ip() == w.web.ipv4 && to == dst,
+        "captured (not direct) while the controller is down: {src} → {to}"
     );
+    let peer = accept_peer(&server, 1)?.ip();
+    ensure!(peer == w.web.ipv4, "the server saw the client pod: {peer}");
     ensure!(
         certs(&w.cluster, agent, &root)? == before,
         "certificates kept while the controller is down"

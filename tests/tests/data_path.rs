@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Result};
 
 use mesh_harness::agent::Agent;
-use mesh_harness::app::{accept_peer, client, client_cmd, echo_server, send_marker, testapp, wait_mesh_path};
+use mesh_harness::app::{client, client_cmd, echo_server, send_marker, testapp, wait_mesh_path};
 use mesh_harness::controller::{namespace_yaml, pod_yaml, policy_yaml, service_yaml, Controller};
 use mesh_harness::wire::Sniffer;
 use mesh_harness::{wait_until, Cluster, Node, Pod, Proc};
@@ -108,11 +108,12 @@ fn cross_node_traffic_through_a_service_is_mtls_on_the_wire_and_byte_exact() -> 
     // 100 MB with half-close, byte for byte, through the Service VIP.
     let report = client(&w.cluster, &w.client, vip(), 100_000_000)?;
     ensure!(report.received == 100_000_000, "{report:?}");
-    // The server sees the destination node's proxy, which came in over HBONE.
+    // The server sees the client pod's own address (--preserve-source), though the bytes
+    // came over HBONE (below).
     let peers = accepted_from(&server);
     ensure!(
-        !peers.is_empty() && !peers.contains(&w.client.ipv4.into()),
-        "every connection went through the proxies: {peers:?}"
+        !peers.is_empty() && peers.iter().all(|p| *p == std::net::IpAddr::from(w.client.ipv4)),
+        "the server saw the client pod: {peers:?}"
     );
     let capture = sniffer.stop(&w.cluster)?;
     ensure!(
@@ -243,9 +244,14 @@ fn strict_mode_drops_plaintext_that_bypasses_the_proxy() -> Result<()> {
     let dst = SocketAddr::new(w.local.ipv4.into(), 8080);
     // PERMISSIVE: once the pod is meshed, a pod outside the mesh reaches it through the proxy.
     w.wait_path(dst)?;
-    let accepted = accepted_from(&server).len();
+    let steered = r#"mesh_bpf_events_total{event="plain_redirected"}"#;
+    let before = w.agents[0].metric(&w.cluster, steered)?;
     client(&w.cluster, &w.outsider, dst, 1024)?;
-    ensure!(accept_peer(&server, accepted + 1)?.ip() != std::net::IpAddr::from(w.outsider.ipv4));
+    let after = w.agents[0].metric(&w.cluster, steered)?;
+    ensure!(
+        after > before,
+        "the outsider's plaintext was steered to the proxy ({before} → {after})"
+    );
 
     w.shop("strict", "")?;
     wait_until(WAIT, "STRICT to drop plaintext", || {

@@ -305,15 +305,10 @@ fn the_admin_api_shows_live_connections_workloads_certificates_and_the_kernel() 
     cmd.args(["client", "--connect", &vip().to_string(), "--bytes", "2000000"]);
     cmd.args(["--pace-ms", "20", "--timeout-ms", "60000"]);
     let slow = w.cluster.spawn_in_pod(&w.client, cmd)?;
-    let client_ip = w.client.ipv4.to_string();
-    // The source is the TCP peer: the client for its own node's proxy, node a's proxy for b's.
-    let node_a_ip = w.a.ipv4.to_string();
+    // The source is the TCP peer: the client for its own node's proxy, and for b's too, since
+    // node a's proxy connects from the client pod's address.
+    let source_ip = w.client.ipv4.to_string();
     let live = |agent: &Agent, node: &Node, direction: &str| -> Result<Value> {
-        let source_ip = if direction == "inbound" {
-            &node_a_ip
-        } else {
-            &client_ip
-        };
         let mut found = Value::Null;
         wait_until(WAIT, &format!("a live {direction} connection"), || {
             let list = meshctl(&w, agent, node, &["node", "connections", "-o", "json"])

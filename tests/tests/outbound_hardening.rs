@@ -277,8 +277,8 @@ fn the_inbound_access_log_names_the_tcp_peer_and_keeps_forwarded_apart() -> Resu
         .and_then(|s| s.parse().ok())
         .with_context(|| format!("src.addr in {inbound}"))?;
     ensure!(
-        src.ip() == IpAddr::from(w.a.ipv4),
-        "the source is the TCP peer, node a's proxy: {inbound}"
+        src.ip() == IpAddr::from(w.client.ipv4),
+        "the source is the TCP peer, node a's proxy connecting from the client pod's address: {inbound}"
     );
     ensure!(
         inbound["src.forwarded_for"] == client_addr.to_string().as_str(),

@@ -210,8 +210,8 @@ fn plaintext_to_a_permissive_pod_goes_through_the_proxy_and_its_policy() -> Resu
     let server = echo_server(&w.cluster, &w.server, &[8080, 9090])?;
     wait_mesh_path(&w.cluster, &w.agents, &w.frontend, w.server(8080, false))?;
 
-    // Without a policy plaintext gets in, but through node a's proxy: the server never sees
-    // the outsiders' own addresses, and the proxy counts and logs each connection.
+    // Without a policy plaintext gets in, but through node a's proxy, which counts and logs
+    // each connection (below) and delivers it from the caller's own address.
     let mut accepted = accepts(&server);
     for src in w.plaintext_clients() {
         for v6 in [false, true] {
@@ -228,8 +228,8 @@ fn plaintext_to_a_permissive_pod_goes_through_the_proxy_and_its_policy() -> Resu
                 w.b.ipv6.into(),
             ];
             ensure!(
-                !outside.contains(&peer),
-                "{} → {dst} reached the pod around the proxy (the pod saw {peer})",
+                outside.contains(&peer),
+                "{} → {dst}: the pod sees the caller's own address, not the node's (it saw {peer})",
                 src.name()
             );
         }
@@ -336,13 +336,13 @@ fn the_proxy_inside_the_pods_cgroup_root_is_not_steered_back_to_itself() -> Resu
         accepted += 1;
         let peer = accept_peer(&server, accepted)?.ip();
         ensure!(
-            ![
+            [
                 IpAddr::from(w.outsider.ipv4),
                 w.remote.ipv4.into(),
                 w.b.ipv4.into()
             ]
             .contains(&peer),
-            "{} → {dst} reached the pod around the proxy (the pod saw {peer})",
+            "{} → {dst}: the pod sees the caller's own address (it saw {peer})",
             src.name()
         );
     }

@@ -414,10 +414,11 @@ fn an_enrolled_pods_excluded_port_to_a_permissive_pod_goes_through_the_plaintext
             ))
         },
     )?;
+    // Through the plaintext listener (counted above), delivered from the client's own address.
     let peer = accept_peer(&w.echo, w.accepts())?;
     ensure!(
-        peer.ip() != IpAddr::from(client.ipv4),
-        "the connection reached the pod around the proxy (the pod saw {peer})"
+        peer.ip() == IpAddr::from(client.ipv4),
+        "the pod sees the client pod (it saw {peer})"
     );
     Ok(())
 }

@@ -36,9 +36,11 @@ pub(crate) fn load_and_pin(object: &[u8], dir: &Path) -> Result<(), EbpfError> {
             Prog::Getsockopt => <&mut CgroupSockopt>::try_from(&mut *program)
                 .map_err(|e| EbpfError::aya(format!("program {name}"), e))?
                 .load(),
-            Prog::TcInbound | Prog::TcStrict => <&mut SchedClassifier>::try_from(&mut *program)
-                .map_err(|e| EbpfError::aya(format!("program {name}"), e))?
-                .load(),
+            Prog::TcInbound | Prog::TcStrict | Prog::TcReply => {
+                <&mut SchedClassifier>::try_from(&mut *program)
+                    .map_err(|e| EbpfError::aya(format!("program {name}"), e))?
+                    .load()
+            }
         };
         loaded.map_err(|e| EbpfError::aya(format!("loading program {name}"), e))?;
         program

@@ -36,7 +36,7 @@ fn attach_name(prog: Prog) -> &'static str {
         Prog::Connect6 => "cgroup/connect6",
         Prog::SockOps => "cgroup/sock_ops",
         Prog::Getsockopt => "cgroup/getsockopt",
-        Prog::TcInbound => "tcx/ingress",
+        Prog::TcInbound | Prog::TcReply => "tcx/ingress",
         Prog::TcStrict => "tcx/egress",
     }
 }
@@ -66,6 +66,7 @@ impl Datapath {
             let prog = match tc.kind {
                 super::TcKind::Inbound => Prog::TcInbound,
                 super::TcKind::Strict => Prog::TcStrict,
+                super::TcKind::Reply => Prog::TcReply,
             };
             out.push(ProgramLink {
                 program: prog.name(),

@@ -9,8 +9,8 @@ use std::{
 use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, PerCpuArray};
 use ipnet::IpNet;
 use mesh_common::{
-    self as common, addr_from_ip, ip_from_addr, Enrollment, OrigDst, ProxyConfig, SockKey, TcConfig,
-    COUNTER_COUNT, COUNTER_NAMES, ENROLL_CAPTURE_OUTBOUND,
+    self as common, addr_from_ip, ip_from_addr, Enrollment, OrigDst, PodGateway, ProxyConfig, SockKey,
+    TcConfig, COUNTER_COUNT, COUNTER_NAMES, ENROLL_CAPTURE_OUTBOUND,
 };
 
 use super::{error::EbpfError, DatapathConfig, EnrollDiff};
@@ -24,6 +24,7 @@ pub(crate) struct Maps {
     counters: PerCpuArray<MapData, u64>,
     local_ips: HashMap<MapData, [u32; 4], u32>,
     tc_config: Array<MapData, TcConfig>,
+    pod_gw: HashMap<MapData, u32, PodGateway>,
 }
 
 fn take<T>(maps: &mut StdHashMap<&'static str, MapData>, name: &'static str) -> Result<T, EbpfError>
@@ -49,6 +50,7 @@ impl Maps {
             counters: take(&mut maps, common::MAP_COUNTERS)?,
             local_ips: take(&mut maps, common::MAP_LOCAL_IPS)?,
             tc_config: take(&mut maps, common::MAP_TC_CONFIG)?,
+            pod_gw: take(&mut maps, common::MAP_POD_GW)?,
         })
     }
 
@@ -62,6 +64,31 @@ impl Maps {
         self.tc_config
             .set(0, cfg, 0)
             .map_err(|e| EbpfError::aya("writing mesh_tc_config", e))
+    }
+
+    /// Sets (`Some`) or clears where a pod's frames on host-side veth `ifindex` are sent when
+    /// they belong to the proxy's transparent sockets: (interface, its MAC address).
+    pub(crate) fn set_pod_gateway(
+        &mut self,
+        ifindex: u32,
+        gw: Option<(u32, [u8; 6])>,
+    ) -> Result<(), EbpfError> {
+        let want = gw.map(|(index, mac)| PodGateway {
+            ifindex: index,
+            mac,
+            reserved: [0; 2],
+        });
+        if self.pod_gw.get(&ifindex, 0).ok() == want {
+            return Ok(());
+        }
+        match want {
+            Some(gw) => self
+                .pod_gw
+                .insert(ifindex, gw, 0)
+                .map_err(|e| EbpfError::aya(format!("writing mesh_pod_gw for interface #{ifindex}"), e)),
+            None => remove_ok(self.pod_gw.remove(&ifindex))
+                .map_err(|e| EbpfError::aya(format!("removing mesh_pod_gw for interface #{ifindex}"), e)),
+        }
     }
 
     /// The local pod addresses and their flags.

@@ -83,12 +83,13 @@ pub struct EnrollDiff {
 /// The marks shared by the tc programs, the capture routing rule and the proxy's sockets.
 /// They must be non-zero and have no bit in common.
 ///
-/// Defaults: capture `0x1000`, proxy `0x2000` (bits 12 and 13). Chosen to stay clear of the
-/// bits other node components commonly claim: Istio ambient uses 0x111/0x222/0x539 under the
-/// mask 0xfff; Cilium uses 0x0f00 (its proxy/host/encrypt magic) and the upper 16 bits
-/// (identities); Calico allocates from 0xffff0000; kube-proxy uses 0x4000 (masquerade) and 0x8000
-/// (drop); the AWS VPC CNI 0x80. Known overlap: Cilium with IPsec keeps its key index in bits
-/// 12-15; pick other bits there (`--capture-mark`, `--proxy-mark`).
+/// Defaults: capture `0x1000`, proxy `0x2000` (bits 12 and 13), reply `0x40` (bit 6). Chosen to
+/// stay clear of the bits other node components commonly claim: Istio ambient uses
+/// 0x111/0x222/0x539 under the mask 0xfff; Cilium uses 0x0f00 (its proxy/host/encrypt magic) and
+/// the upper 16 bits (identities); Calico allocates from 0xffff0000; kube-proxy uses 0x4000
+/// (masquerade) and 0x8000 (drop); the AWS VPC CNI 0x80. Known overlaps: Cilium with IPsec keeps
+/// its key index in bits 12-15, and Istio's mask covers bit 6; pick other bits there
+/// (`--capture-mark`, `--proxy-mark`, `--reply-mark`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Marks {
     /// OR-ed into `skb->mark` of inbound HBONE to local pods on the uplink; the routing rule
@@ -97,44 +98,65 @@ pub struct Marks {
     /// The proxy's upstream sockets carry it (`SO_MARK`); a SYN into an enrolled pod passes only
     /// when `mark & proxy == proxy`.
     pub proxy: u32,
+    /// OR-ed into `skb->mark` of a pod's packet to one of the proxy's transparent sockets (at
+    /// the pod's veth); an unscoped routing rule matches `fwmark reply/reply`.
+    pub reply: u32,
 }
 
 impl Marks {
     pub const DEFAULT_CAPTURE: u32 = 0x1000;
     pub const DEFAULT_PROXY: u32 = 0x2000;
+    pub const DEFAULT_REPLY: u32 = 0x40;
 
     pub fn validate(&self) -> Result<(), String> {
-        if self.capture == 0 || self.proxy == 0 {
-            return Err(format!(
-                "capture mark {:#x} and proxy mark {:#x} must both be non-zero",
-                self.capture, self.proxy
-            ));
+        let named = [
+            ("capture", self.capture),
+            ("proxy", self.proxy),
+            ("reply", self.reply),
+        ];
+        for (name, mark) in named {
+            if mark == 0 {
+                return Err(format!("the {name} mark must be non-zero"));
+            }
         }
-        if self.capture & self.proxy != 0 {
-            return Err(format!(
-                "capture mark {:#x} and proxy mark {:#x} share bits {:#x}: they must be disjoint",
-                self.capture,
-                self.proxy,
-                self.capture & self.proxy
-            ));
+        for (i, (a, x)) in named.iter().enumerate() {
+            for (b, y) in &named[i + 1..] {
+                if x & y != 0 {
+                    return Err(format!(
+                        "{a} mark {x:#x} and {b} mark {y:#x} share bits {:#x}: they must be disjoint",
+                        x & y
+                    ));
+                }
+            }
         }
         Ok(())
     }
 
-    fn tc_config(&self) -> TcConfig {
+    fn tc_config(&self, preserve_source: bool) -> TcConfig {
+        let mut flags = mesh_common::TC_CONFIG_SET;
+        if preserve_source {
+            flags |= mesh_common::TC_PRESERVE_SOURCE;
+        }
         TcConfig {
             capture_mark: self.capture,
             proxy_mark: self.proxy,
             proxy_mask: self.proxy,
-            flags: mesh_common::TC_CONFIG_SET,
+            flags,
+            reply_mark: self.reply,
+            reserved: 0,
         }
     }
 
-    fn from_tc_config(cfg: &TcConfig) -> Option<Marks> {
-        (cfg.flags & mesh_common::TC_CONFIG_SET != 0).then_some(Marks {
-            capture: cfg.capture_mark,
-            proxy: cfg.proxy_mark,
-        })
+    /// The marks and the preserve-source switch of a written tc config.
+    fn from_tc_config(cfg: &TcConfig) -> Option<(Marks, bool)> {
+        (cfg.flags & mesh_common::TC_CONFIG_SET != 0).then_some((
+            Marks {
+                capture: cfg.capture_mark,
+                proxy: cfg.proxy_mark,
+                reply: cfg.reply_mark,
+            },
+            cfg.flags & mesh_common::TC_PRESERVE_SOURCE != 0,
+        ))
     }
 }
 
@@ -143,6 +165,7 @@ impl Default for Marks {
         Marks {
             capture: Marks::DEFAULT_CAPTURE,
             proxy: Marks::DEFAULT_PROXY,
+            reply: Marks::DEFAULT_REPLY,
         }
     }
 }
@@ -222,6 +245,7 @@ pub struct StrictDiff {
 pub enum TcKind {
     Inbound,
     Strict,
+    Reply,
 }
 
 /// A pinned TCX link of the active set, as the kernel reports it.
@@ -246,8 +270,10 @@ pub struct Datapath {
     tc_links_carried: usize,
     maps: maps::Maps,
     /// Kernel ids of this set's tc programs.
-    tc_prog_ids: [(Prog, u32); 2],
+    tc_prog_ids: [(Prog, u32); 3],
     marks: Option<Marks>,
+    /// `TC_PRESERVE_SOURCE` as written with the marks.
+    preserve_source: bool,
 }
 
 impl fmt::Debug for Datapath {
@@ -300,6 +326,7 @@ impl Datapath {
         let tc_prog_ids = [
             (Prog::TcInbound, set.prog_id(Prog::TcInbound)),
             (Prog::TcStrict, set.prog_id(Prog::TcStrict)),
+            (Prog::TcReply, set.prog_id(Prog::TcReply)),
         ];
         let mut maps = maps::Maps::new(std::mem::take(&mut set.maps))?;
         maps.apply_config(cfg, proxy_id)?;
@@ -355,7 +382,8 @@ impl Datapath {
         }
         point_current(pin_dir, &abi);
 
-        let marks = Marks::from_tc_config(&maps.tc_config()?);
+        let tc = Marks::from_tc_config(&maps.tc_config()?);
+        let (marks, preserve_source) = (tc.map(|(m, _)| m), tc.is_some_and(|(_, on)| on));
         info!(
             dir = %dir.display(),
             reused,
@@ -374,6 +402,7 @@ impl Datapath {
             maps,
             tc_prog_ids,
             marks,
+            preserve_source,
         })
     }
 
@@ -394,6 +423,7 @@ impl Datapath {
             maps: maps::Maps::new(std::mem::take(&mut set.maps))?,
             tc_prog_ids: self.tc_prog_ids,
             marks: self.marks,
+            preserve_source: self.preserve_source,
         })
     }
 
@@ -459,16 +489,25 @@ impl Datapath {
     /// previous one already in place ([`Datapath::marks`]) and should call this again with its
     /// own config.
     pub fn set_marks(&mut self, marks: Marks) -> Result<(), EbpfError> {
+        self.set_tc(marks, self.preserve_source)
+    }
+
+    /// [`Datapath::set_marks`], and whether the proxy connects from clients' own addresses
+    /// (`--preserve-source`): only then do the tc programs look for its transparent sockets.
+    pub fn set_tc(&mut self, marks: Marks, preserve_source: bool) -> Result<(), EbpfError> {
         marks.validate().map_err(EbpfError::InvalidMarks)?;
-        if self.marks != Some(marks) {
-            self.maps.set_tc_config(marks.tc_config())?;
+        if self.marks != Some(marks) || self.preserve_source != preserve_source {
+            self.maps.set_tc_config(marks.tc_config(preserve_source))?;
             info!(
                 capture = format_args!("{:#x}", marks.capture),
                 proxy = format_args!("{:#x}", marks.proxy),
-                "tc marks set"
+                reply = format_args!("{:#x}", marks.reply),
+                preserve_source,
+                "tc config set"
             );
         }
         self.marks = Some(marks);
+        self.preserve_source = preserve_source;
         Ok(())
     }
 
@@ -555,8 +594,9 @@ impl Datapath {
         Ok(self.maps.local_ips()?.into_keys().collect())
     }
 
-    /// Pod-veth enforcement (STRICT, and PERMISSIVE by the modes in the local-address map): the
-    /// egress program is attached to the host-side veths `veths`
+    /// Pod-veth programs: enforcement (STRICT, and PERMISSIVE by the modes in the local-address
+    /// map) on egress, and the delivery of pods' replies to the proxy's transparent sockets on
+    /// ingress, attached to the host-side veths `veths`
     /// (interface indexes in this thread's network namespace). A link on another interface is
     /// detached unless `keep` holds it and it is still live; a link whose interface is gone is
     /// always removed. Valid links are re-used, so calling this again (or after a restart)
@@ -571,7 +611,10 @@ impl Datapath {
         for &ifindex in veths {
             match sys::if_indextoname(ifindex) {
                 Ok(_) => {
-                    if self.ensure_tc_link(Prog::TcStrict, ifindex)? {
+                    self.set_pod_gateway(ifindex);
+                    // The reply program first: a pod is never enforced without it.
+                    let reply = self.ensure_tc_link(Prog::TcReply, ifindex)?;
+                    if self.ensure_tc_link(Prog::TcStrict, ifindex)? || reply {
                         diff.attached.push(iface(ifindex));
                     }
                 }
@@ -582,21 +625,39 @@ impl Datapath {
             }
         }
         for pin in pins::tc_pins(&self.dir)? {
-            if pin.prog != Prog::TcStrict || veths.contains(&pin.ifindex) {
+            if pin.prog == Prog::TcInbound || veths.contains(&pin.ifindex) {
                 continue;
             }
             let live = pins::tc_link_alive(&pin.path).is_some_and(|info| info.ifindex == pin.ifindex);
             if live && keep.contains(pin.ifindex) {
-                diff.kept.push(iface(pin.ifindex));
+                if pin.prog == Prog::TcStrict {
+                    diff.kept.push(iface(pin.ifindex));
+                }
                 continue;
             }
             pins::remove_pin(&pin.path)?;
-            diff.detached.push(iface(pin.ifindex));
+            if pin.prog == Prog::TcStrict {
+                diff.detached.push(iface(pin.ifindex));
+            }
+            if let Err(e) = self.maps.set_pod_gateway(pin.ifindex, None) {
+                warn!(ifindex = pin.ifindex, error = %e, "clearing the pod gateway entry failed");
+            }
         }
         if !diff.attached.is_empty() || !diff.detached.is_empty() {
-            info!(attached = ?diff.attached, detached = ?diff.detached, "STRICT enforcement updated");
+            info!(attached = ?diff.attached, detached = ?diff.detached, "pod veth programs updated");
         }
         Ok(diff)
+    }
+
+    /// Keeps `mesh_pod_gw` right for a pod's veth. A failure costs only replies to the proxy's
+    /// transparent sockets that the stack would not see, so it is logged, not fatal.
+    fn set_pod_gateway(&mut self, ifindex: u32) {
+        let result = crate::netlink::pod_gateway(ifindex)
+            .map_err(|e| e.to_string())
+            .and_then(|gw| self.maps.set_pod_gateway(ifindex, gw).map_err(|e| e.to_string()));
+        if let Err(error) = result {
+            warn!(ifindex, %error, "setting the pod gateway address failed");
+        }
     }
 
     /// The TCX link pins of the active set, with what the kernel says about each (interface
@@ -607,10 +668,10 @@ impl Datapath {
             .map(|pin| {
                 let info = pins::tc_link_alive(&pin.path);
                 TcLink {
-                    kind: if pin.prog == Prog::TcInbound {
-                        TcKind::Inbound
-                    } else {
-                        TcKind::Strict
+                    kind: match pin.prog {
+                        Prog::TcInbound => TcKind::Inbound,
+                        Prog::TcReply => TcKind::Reply,
+                        _ => TcKind::Strict,
                     },
                     ifindex: pin.ifindex,
                     name: sys::if_indextoname(pin.ifindex).ok(),

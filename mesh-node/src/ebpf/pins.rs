@@ -9,10 +9,11 @@
 //!     prog_connect4 prog_connect6 prog_sock_ops prog_getsockopt     programs
 //!     link_connect4_cg<ID> link_connect6_cg<ID> link_sock_ops_cg<ID>  cgroup links (pods cgroup)
 //!     link_getsockopt_cg<ID>                                          cgroup link (proxy cgroup)
-//!     mesh_local_ips mesh_tc_config                                   maps of the tc programs
-//!     prog_tc_inbound prog_tc_strict                                  tc programs
+//!     mesh_local_ips mesh_tc_config mesh_pod_gw                       maps of the tc programs
+//!     prog_tc_inbound prog_tc_strict prog_tc_reply                    tc programs
 //!     tcx_inbound_if<IFINDEX>        TCX ingress link on the uplink (set_inbound)
 //!     tcx_strict_if<IFINDEX>         TCX egress link on an enrolled pod's host veth (set_strict)
+//!     tcx_reply_if<IFINDEX>          TCX ingress link on an enrolled pod's host veth (set_strict)
 //!   staging-<abi>-<pid>/            a set being built; renamed to <abi> once complete
 //! ```
 //! TCX links name interfaces by index, which is only meaningful in the agent's network
@@ -75,18 +76,22 @@ pub(crate) enum Prog {
     Getsockopt,
     TcInbound,
     TcStrict,
+    TcReply,
 }
 
 impl Prog {
     /// Every program of the set (loaded, pinned and checked together).
-    pub(crate) const ALL: [Prog; 6] = [
+    pub(crate) const ALL: [Prog; 7] = [
         Prog::Connect4,
         Prog::Connect6,
         Prog::SockOps,
         Prog::Getsockopt,
         Prog::TcInbound,
         Prog::TcStrict,
+        Prog::TcReply,
     ];
+    /// The tc programs (TCX links, one pin per interface).
+    pub(crate) const TC: [Prog; 3] = [Prog::TcInbound, Prog::TcStrict, Prog::TcReply];
     /// The programs `Datapath::start` attaches to cgroups.
     pub(crate) const CGROUP: [Prog; 4] = [Prog::Connect4, Prog::Connect6, Prog::SockOps, Prog::Getsockopt];
 
@@ -99,6 +104,7 @@ impl Prog {
             Prog::Getsockopt => common::PROG_GETSOCKOPT,
             Prog::TcInbound => common::PROG_TC_INBOUND,
             Prog::TcStrict => common::PROG_TC_STRICT,
+            Prog::TcReply => common::PROG_TC_REPLY,
         }
     }
 
@@ -110,6 +116,7 @@ impl Prog {
             Prog::Getsockopt => "prog_getsockopt",
             Prog::TcInbound => "prog_tc_inbound",
             Prog::TcStrict => "prog_tc_strict",
+            Prog::TcReply => "prog_tc_reply",
         }
     }
 
@@ -121,6 +128,7 @@ impl Prog {
             Prog::Getsockopt => "link_getsockopt",
             Prog::TcInbound => "tcx_inbound",
             Prog::TcStrict => "tcx_strict",
+            Prog::TcReply => "tcx_reply",
         }
     }
 
@@ -130,7 +138,7 @@ impl Prog {
             Prog::Connect4 | Prog::Connect6 => 18, // BPF_PROG_TYPE_CGROUP_SOCK_ADDR
             Prog::SockOps => 13,                   // BPF_PROG_TYPE_SOCK_OPS
             Prog::Getsockopt => 25,                // BPF_PROG_TYPE_CGROUP_SOCKOPT
-            Prog::TcInbound | Prog::TcStrict => 3, // BPF_PROG_TYPE_SCHED_CLS
+            Prog::TcInbound | Prog::TcStrict | Prog::TcReply => 3, // BPF_PROG_TYPE_SCHED_CLS
         }
     }
 
@@ -141,7 +149,7 @@ impl Prog {
             Prog::Connect6 => 11,   // BPF_CGROUP_INET6_CONNECT
             Prog::SockOps => 3,     // BPF_CGROUP_SOCK_OPS
             Prog::Getsockopt => 21, // BPF_CGROUP_GETSOCKOPT
-            Prog::TcInbound => BPF_TCX_INGRESS,
+            Prog::TcInbound | Prog::TcReply => BPF_TCX_INGRESS,
             Prog::TcStrict => BPF_TCX_EGRESS,
         }
     }
@@ -154,7 +162,7 @@ impl Prog {
 
 /// The (tc program, ifindex) a TCX link pin name stands for.
 pub(crate) fn parse_tc_pin(name: &str) -> Option<(Prog, u32)> {
-    [Prog::TcInbound, Prog::TcStrict].into_iter().find_map(|prog| {
+    Prog::TC.into_iter().find_map(|prog| {
         let index = name.strip_prefix(prog.link_stem())?.strip_prefix("_if")?;
         let ifindex: u32 = index.parse().ok().filter(|i| *i > 0)?;
         (prog.tc_pin_name(ifindex) == name).then_some((prog, ifindex))
@@ -254,7 +262,7 @@ const fn spec<K, V>(name: &'static str, map_type: u32, max_entries: u32) -> MapS
     }
 }
 
-const MAP_SPECS: [MapSpec; 9] = [
+const MAP_SPECS: [MapSpec; 10] = [
     spec::<u32, common::ProxyConfig>(common::MAP_CONFIG, BPF_MAP_TYPE_ARRAY, common::CONFIG_MAX_ENTRIES),
     spec::<u64, common::Enrollment>(
         common::MAP_ENROLLED,
@@ -297,6 +305,7 @@ const MAP_SPECS: [MapSpec; 9] = [
         BPF_MAP_TYPE_ARRAY,
         common::TC_CONFIG_MAX_ENTRIES,
     ),
+    spec::<u32, common::PodGateway>(common::MAP_POD_GW, BPF_MAP_TYPE_HASH, common::POD_GW_MAX_ENTRIES),
 ];
 
 /// A pinned set whose maps and programs are present and consistent.

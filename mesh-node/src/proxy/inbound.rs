@@ -142,11 +142,18 @@ impl Handler for Inbound {
     }
 
     fn connect(&self, req: &Request) -> impl Future<Output = io::Result<Self::Upstream>> + Send {
-        let (dst, mark, keepalive) = (req.dst, self.mesh.proxy_mark, self.mesh.carried.keepalive);
+        let dst = req.dst;
+        // From the HBONE connection's own peer: the client pod's address when its node keeps
+        // it, verified by the TCP handshake (unlike the Forwarded header, which it may set).
+        let (src, mark, keepalive) = (
+            self.mesh.source(self.peer.ip()),
+            self.mesh.proxy_mark,
+            self.mesh.carried.keepalive,
+        );
         let meta = self.meta(req);
         let connections = self.mesh.connections.clone();
         async move {
-            match connect_marked(dst, mark, keepalive).await {
+            match connect_marked(dst, src, mark, keepalive).await {
                 Ok(s) => Ok(Counted::new(
                     s,
                     connections.open(meta),

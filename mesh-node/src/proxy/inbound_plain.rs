@@ -19,7 +19,6 @@ use tracing::{debug, info, info_span, Instrument};
 use super::carry::{self, fail, reset};
 use super::mesh::Mesh;
 use super::orig_dst::original_dst;
-use super::upstream::connect_marked;
 use crate::connections::{ConnMeta, Direction};
 use crate::control::NodeState;
 use crate::metrics::labels::{Peer, Reporter, ResponseFlags};
@@ -96,13 +95,8 @@ async fn authorize_and_carry(
             format!("denied by policy {policy}"),
         ));
     }
-    let connect = tokio::time::timeout(
-        mesh.connect_timeout,
-        connect_marked(dst, mesh.proxy_mark, mesh.carried.keepalive),
-    )
-    .await
-    .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "connect timed out")));
-    let upstream = match connect {
+    // From the client's own address: the pod sees who called, as it would without the mesh.
+    let upstream = match mesh.connect(dst, meta.src_addr.ip()).await {
         Ok(s) => s,
         Err(e) => {
             let error = e.to_string();

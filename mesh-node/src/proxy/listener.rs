@@ -3,7 +3,7 @@
 use std::io;
 use std::net::SocketAddr;
 
-use socket2::{Domain, Protocol, Socket, Type};
+use socket2::{Domain, Protocol, SockRef, Socket, Type};
 use tokio::net::TcpListener;
 
 const BACKLOG: i32 = 1024;
@@ -25,11 +25,9 @@ fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
-        if transparent {
-            set_ipv6_transparent(&socket)?;
-        }
-    } else if transparent {
-        socket.set_ip_transparent_v4(true)?;
+    }
+    if transparent {
+        set_transparent(SockRef::from(&socket), addr.is_ipv6())?;
     }
     socket.set_reuse_address(true)?;
     socket.set_reuse_port(true)?;
@@ -39,21 +37,12 @@ fn listen(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-fn set_ipv6_transparent(socket: &Socket) -> io::Result<()> {
-    use std::os::fd::AsRawFd as _;
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket and a c_int option value of the size given.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_IPV6,
-            libc::IPV6_TRANSPARENT,
-            (&on as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
+/// `IP_TRANSPARENT` or `IPV6_TRANSPARENT`: the socket may use an address that is not the
+/// node's (listen for one, or connect from one). Needs CAP_NET_ADMIN.
+pub(super) fn set_transparent(socket: SockRef<'_>, ipv6: bool) -> io::Result<()> {
+    if ipv6 {
+        socket.set_ip_transparent_v6(true)
+    } else {
+        socket.set_ip_transparent_v4(true)
     }
-    Ok(())
 }

@@ -1,17 +1,20 @@
 //! What both directions of the proxy read: the node's config from the controller, its pods'
 //! certificates, the TLS configs built from them, the HBONE pool, the node's own addresses and
 //! the proxy's socket mark.
-use std::net::IpAddr;
+use std::io;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_api::{Identity, Workload};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::hbone::Pool;
 use super::local_addrs::LocalAddrs;
+use super::upstream::connect_marked;
 use crate::connections::Connections;
 use crate::control::{ControlHandle, NodeState};
 use crate::identity::CertStore;
@@ -35,6 +38,8 @@ pub struct Mesh {
     round_robin: AtomicUsize,
     /// Keepalive and idle timeout of every carried connection.
     pub carried: Carried,
+    /// Connect from the client's own address (`--preserve-source`).
+    pub preserve_source: bool,
 }
 
 /// How often the node's addresses are read again.
@@ -71,12 +76,36 @@ impl Mesh {
             local_addrs,
             round_robin: AtomicUsize::new(0),
             carried: Carried::default(),
+            preserve_source: false,
         }
     }
 
     /// The same, with `carried` in place of the defaults.
     pub fn with_carried(self, carried: Carried) -> Self {
         Mesh { carried, ..self }
+    }
+
+    /// The same, connecting from clients' own addresses (`--preserve-source`).
+    pub fn with_preserve_source(self, preserve_source: bool) -> Self {
+        Mesh {
+            preserve_source,
+            ..self
+        }
+    }
+
+    /// The address to connect from on behalf of a client at `client`: its own with
+    /// `--preserve-source`, else the node's (`None`).
+    pub fn source(&self, client: IpAddr) -> Option<IpAddr> {
+        self.preserve_source.then_some(client)
+    }
+
+    /// Connects to `dst` on behalf of a client at `client`, marked, with keepalive, within
+    /// `--connect-timeout`.
+    pub async fn connect(&self, dst: SocketAddr, client: IpAddr) -> io::Result<TcpStream> {
+        let connect = connect_marked(dst, self.source(client), self.proxy_mark, self.carried.keepalive);
+        tokio::time::timeout(self.connect_timeout, connect)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
     }
 
     pub fn metrics(&self) -> &Metrics {

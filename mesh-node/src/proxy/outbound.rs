@@ -6,7 +6,6 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mesh_api::{Identity, Workload};
-use socket2::SockRef;
 use tokio::net::TcpStream;
 use tracing::{debug, info, info_span, Instrument};
 
@@ -15,7 +14,6 @@ use super::hbone::{HboneError, PoolKey, HBONE_PORT};
 use super::mesh::Mesh;
 use super::orig_dst::original_dst;
 use super::route::{self, Route};
-use super::upstream::connect_marked;
 use crate::config::Config;
 use crate::connections::{ConnMeta, Direction};
 use crate::control::NodeState;
@@ -84,7 +82,7 @@ pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: 
         let result = match route {
             Route::Passthrough { dst, service, .. } => {
                 meta.service = service.map(|s| s.to_string());
-                passthrough(&cfg, &mesh, client, meta, dst).await
+                passthrough(&mesh, client, meta, dst).await
             }
             Route::NoEndpoint { service } => {
                 meta.service = Some(service.to_string());
@@ -144,7 +142,7 @@ async fn to_local(
         let error = format!("denied by policy {policy}");
         return Err(fail(mesh, &client, &meta, ResponseFlags::Denied, error));
     }
-    match connect(mesh, target).await {
+    match mesh.connect(target, meta.src_addr.ip()).await {
         Ok(upstream) => carry(mesh, client, meta, upstream).await,
         Err(e) => Err(fail(
             mesh,
@@ -167,6 +165,7 @@ async fn via_hbone(
     let key = PoolKey {
         src_identity: src.to_string(),
         dst_identity: dst_identity.clone(),
+        src: mesh.source(meta.src_addr.ip()),
         dst: SocketAddr::new(meta.dst_addr.ip(), HBONE_PORT),
     };
     let stream = mesh
@@ -203,43 +202,23 @@ fn dial_config(mesh: &Mesh, src: &Identity, dst_identity: &str) -> Result<Arc<tl
 }
 
 async fn passthrough(
-    cfg: &Config,
     mesh: &Mesh,
     client: TcpStream,
     meta: ConnMeta,
     dst: SocketAddr,
 ) -> io::Result<(u64, u64)> {
-    let upstream = match tokio::time::timeout(cfg.connect_timeout, TcpStream::connect(dst)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(e)) => {
-            return Err(fail(
-                mesh,
-                &client,
-                &meta,
-                ResponseFlags::ConnectFailed,
-                e.to_string(),
-            ))
-        }
-        Err(_) => {
-            let error = "connect timed out";
-            return Err(fail(mesh, &client, &meta, ResponseFlags::ConnectFailed, error));
-        }
-    };
-    let _ = upstream.set_nodelay(true);
-    // The destination is outside the mesh and may vanish without a word: keepalive finds out.
-    if let Err(e) = mesh.carried.keepalive.apply(SockRef::from(&upstream)) {
-        debug!(error = %e, "setting keepalive on the passthrough socket failed");
+    // From the pod's own address, so its egress controls apply as they would without the mesh;
+    // keepalive finds out when a destination outside the mesh vanishes without a word.
+    match mesh.connect(dst, meta.src_addr.ip()).await {
+        Ok(upstream) => carry(mesh, client, meta, upstream).await,
+        Err(e) => Err(fail(
+            mesh,
+            &client,
+            &meta,
+            ResponseFlags::ConnectFailed,
+            e.to_string(),
+        )),
     }
-    carry(mesh, client, meta, upstream).await
-}
-
-async fn connect(mesh: &Mesh, dst: SocketAddr) -> io::Result<TcpStream> {
-    tokio::time::timeout(
-        mesh.connect_timeout,
-        connect_marked(dst, mesh.proxy_mark, mesh.carried.keepalive),
-    )
-    .await
-    .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
 }
 
 /// The ports of this proxy's own listeners, as configured.

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -35,13 +35,16 @@ use super::wire::{forwarded_for_value, FORWARDED};
 use super::{H2Settings, HboneError};
 use crate::tls::{self, TlsError};
 
-/// Which connections may carry a stream: the same source and destination identities, to the
-/// same HBONE address (the destination pod's IP on 15008, whose certificate the server picks by
-/// that address).
+/// Which connections may carry a stream: the same source and destination identities, from the
+/// same source address, to the same HBONE address (the destination pod's IP on 15008, whose
+/// certificate the server picks by that address).
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct PoolKey {
     pub src_identity: String,
     pub dst_identity: String,
+    /// The address to connect from: the source pod's own (`--preserve-source`), so the peer and
+    /// everything on the way see the pod; `None`: the node's.
+    pub src: Option<IpAddr>,
     /// Where to dial: `<destination pod ip>:15008`.
     pub dst: SocketAddr,
 }
@@ -88,10 +91,14 @@ pub struct PoolStats {
     pub dials: u64,
 }
 
-/// How the pool opens the TCP connection to an HBONE peer. The node proxy supplies one that sets
-/// SO_MARK (so capture leaves the proxy's own traffic alone).
-pub type Dialer =
-    Arc<dyn Fn(SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>> + Send + Sync>;
+/// How the pool opens the TCP connection to an HBONE peer, from a source address (the key's
+/// `src`) to a destination. The node proxy supplies one that sets SO_MARK (so capture leaves
+/// the proxy's own traffic alone) and binds the source transparently.
+pub type Dialer = Arc<
+    dyn Fn(Option<IpAddr>, SocketAddr) -> Pin<Box<dyn Future<Output = io::Result<TcpStream>> + Send>>
+        + Send
+        + Sync,
+>;
 
 /// A pool of HBONE connections. Cheap to clone; clones share the connections.
 #[derive(Clone)]
@@ -299,7 +306,7 @@ enum Next {
 
 impl Pool {
     pub fn new(cfg: PoolConfig) -> Pool {
-        let dialer: Dialer = Arc::new(|addr| {
+        let dialer: Dialer = Arc::new(|_, addr| {
             Box::pin(async move {
                 let s = TcpStream::connect(addr).await?;
                 s.set_nodelay(true)?;
@@ -608,10 +615,12 @@ async fn establish(
     key: &PoolKey,
     config: Arc<tls::ClientConfig>,
 ) -> Result<Arc<Conn>, HboneError> {
-    let tcp = (inner.dialer)(key.dst).await.map_err(|e| HboneError::Connect {
-        addr: key.dst,
-        source: Arc::new(e),
-    })?;
+    let tcp = (inner.dialer)(key.src, key.dst)
+        .await
+        .map_err(|e| HboneError::Connect {
+            addr: key.dst,
+            source: Arc::new(e),
+        })?;
     // The outer connect_timeout bounds the whole dial; this one only has to be no shorter.
     let stream = tls::connect(tcp, config, key.dst.ip(), inner.cfg.connect_timeout).await?;
     let state = Arc::new(ConnState {
