@@ -23,9 +23,12 @@ pub const MAP_COUNTERS: &str = "mesh_counters";
 pub const MAP_LOCAL_IPS: &str = "mesh_local_ips";
 /// The single [`TcConfig`] of the tc programs: the capture and proxy marks.
 pub const MAP_TC_CONFIG: &str = "mesh_tc_config";
+/// The destinations the mesh serves (Service VIPs, enrolled pods' addresses): an enrolled pod's
+/// connect to any other address is left alone.
+pub const MAP_DESTINATIONS: &str = "mesh_dests";
 
 /// Every map of the object, in pin order.
-pub const MAP_NAMES: [&str; 9] = [
+pub const MAP_NAMES: [&str; 10] = [
     MAP_CONFIG,
     MAP_ENROLLED,
     MAP_COOKIE_DST,
@@ -35,6 +38,7 @@ pub const MAP_NAMES: [&str; 9] = [
     MAP_COUNTERS,
     MAP_LOCAL_IPS,
     MAP_TC_CONFIG,
+    MAP_DESTINATIONS,
 ];
 
 /// Program (ELF symbol) names. They differ from their section names on purpose: a function
@@ -58,6 +62,9 @@ pub const EXCL_PORTS_MAX_ENTRIES: u32 = 1024;
 pub const EXCL_CIDRS_MAX_ENTRIES: u32 = 1024;
 pub const LOCAL_IPS_MAX_ENTRIES: u32 = 16 * 1024;
 pub const TC_CONFIG_MAX_ENTRIES: u32 = 1;
+/// Service VIPs of both families plus every enrolled pod's addresses in the cluster. When the
+/// cluster has more, the agent reports the ones left out, and connects to them go uncaptured.
+pub const DESTINATIONS_MAX_ENTRIES: u32 = 64 * 1024;
 
 /// Default port of the proxy's outbound capture listener.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -132,6 +139,12 @@ pub const LOCAL_IP_PERMISSIVE: u32 = 1 << 1;
 /// Service VIP the node DNATs) dropped at its veth: without a policy there is nothing to go
 /// around, and dropping would only break clients outside the mesh.
 pub const LOCAL_IP_POLICED: u32 = 1 << 2;
+
+/// Value of `mesh_dests` (key: the address in v6 form, `[u32; 4]`): a Service VIP. The kernel
+/// only asks whether a key is present; the flags say why, for inspection.
+pub const DEST_SERVICE_VIP: u32 = 1 << 0;
+/// Value of `mesh_dests`: an enrolled pod's address, on this node or another.
+pub const DEST_WORKLOAD: u32 = 1 << 1;
 
 /// `Enrollment::flags`: capture this cgroup's (and its descendants') outbound TCP.
 pub const ENROLL_CAPTURE_OUTBOUND: u32 = 1 << 0;
@@ -257,10 +270,13 @@ pub enum Counter {
     /// neither the proxy nor the node sent them (nothing to enforce; steering still counts the
     /// connections it sees).
     PermissiveAllowedUnpoliced,
+    /// Connects of enrolled pods left alone because the destination is not one the mesh serves
+    /// (not in `mesh_dests`): they leave from the pod's own address.
+    SkipNotMeshDestination,
 }
 
 /// Number of counters (entries of `mesh_counters`).
-pub const COUNTER_COUNT: u32 = 30;
+pub const COUNTER_COUNT: u32 = 31;
 
 /// Name of each counter, indexed by `Counter as usize`.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -294,10 +310,11 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "permissive_dropped",
     "permissive_allowed_node",
     "permissive_allowed_unpoliced",
+    "skip_not_mesh_destination",
 ];
 
 // The counter list and its names must stay in step.
-const _: () = assert!(Counter::PermissiveAllowedUnpoliced as u32 + 1 == COUNTER_COUNT);
+const _: () = assert!(Counter::SkipNotMeshDestination as u32 + 1 == COUNTER_COUNT);
 const _: () = assert!(core::mem::size_of::<TcConfig>() == 16);
 const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 40);
 const _: () = assert!(core::mem::size_of::<Enrollment>() == 8);
