@@ -1,6 +1,7 @@
 //! The maps. Plain (not pinned by name): user space pins them explicitly under its ABI dir.
 
 use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
     macros::map,
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
@@ -36,9 +37,12 @@ pub static MESH_EXCL_PORTS: HashMap<u16, u8> = HashMap::with_max_entries(EXCL_PO
 pub static MESH_EXCL_CIDRS: LpmTrie<[u32; 4], u8> = LpmTrie::with_max_entries(EXCL_CIDRS_MAX_ENTRIES, 0);
 
 /// Addresses the mesh serves (v6 form; IPv4 as v4-mapped) → `DEST_*` flags. Only these are
-/// captured; the agent keeps the map equal to its control-plane state.
+/// captured; the agent keeps the map equal to its control-plane state. Not preallocated: sized
+/// for large clusters, it costs its buckets (1 MiB) plus what is in it, and only user space
+/// writes it.
 #[map(name = "mesh_dests")]
-pub static MESH_DESTS: HashMap<[u32; 4], u32> = HashMap::with_max_entries(DESTINATIONS_MAX_ENTRIES, 0);
+pub static MESH_DESTS: HashMap<[u32; 4], u32> =
+    HashMap::with_max_entries(DESTINATIONS_MAX_ENTRIES, BPF_F_NO_PREALLOC);
 
 #[map(name = "mesh_counters")]
 pub static MESH_COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_COUNT, 0);
