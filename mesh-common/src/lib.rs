@@ -84,6 +84,10 @@ pub const AF_INET6: u16 = 10;
 pub const CONFIG_HAS_V4: u16 = 1 << 0;
 /// `ProxyConfig::flags`: `ipv6` is set.
 pub const CONFIG_HAS_V6: u16 = 1 << 1;
+/// `ProxyConfig::flags`: `mesh_dests` has not been filled yet (a new set that had nothing to
+/// carry over, e.g. the first start after an upgrade from a version without it): capture every
+/// destination, as if all were listed, until the agent first writes the map.
+pub const CONFIG_CAPTURE_ALL: u16 = 1 << 2;
 
 /// The single entry of `mesh_config`: where captured connections are sent.
 #[repr(C)]
@@ -95,7 +99,7 @@ pub struct ProxyConfig {
     pub ipv6: [u32; 4],
     /// Outbound capture port, host byte order.
     pub port: u16,
-    /// `CONFIG_HAS_V4` | `CONFIG_HAS_V6`.
+    /// `CONFIG_HAS_V4` | `CONFIG_HAS_V6` | `CONFIG_CAPTURE_ALL`.
     pub flags: u16,
     /// Inbound plaintext listener port (PERMISSIVE pods), host byte order.
     pub inbound_plain_port: u16,

@@ -5,7 +5,9 @@
 //! an exclusion leaves uncaptured) to a local PERMISSIVE pod to the proxy's inbound plaintext
 //! listener; either way remember the original destination by socket cookie.
 //! Every other connect is left alone: it leaves the pod from the pod's own address, so the
-//! pod's egress controls (NetworkPolicies, metadata hop limits) keep applying to it.
+//! pod's egress controls (NetworkPolicies, metadata hop limits) keep applying to it. Until the
+//! agent has first written `mesh_dests` (`CONFIG_CAPTURE_ALL`), every destination counts as the
+//! mesh's, so a new set never lets mesh traffic go around the proxy while it is being filled.
 //! Outbound capture fails open (the connect goes on uncaptured: better than breaking the app);
 //! plaintext steering fails closed (the connect is refused, EPERM): letting it through would
 //! bypass the pod's policy.
@@ -18,8 +20,8 @@ use aya_ebpf::{
 };
 use core::ptr::addr_of_mut;
 use mesh_common::{
-    is_v4_mapped, v4_mapped, Counter, OrigDst, ProxyConfig, AF_INET, AF_INET6, CONFIG_HAS_V4, CONFIG_HAS_V6,
-    HBONE_PORT, LOCAL_IP_PERMISSIVE, MAX_CGROUP_DEPTH, ORIG_VIA_CONNECT6,
+    is_v4_mapped, v4_mapped, Counter, OrigDst, ProxyConfig, AF_INET, AF_INET6, CONFIG_CAPTURE_ALL,
+    CONFIG_HAS_V4, CONFIG_HAS_V6, HBONE_PORT, LOCAL_IP_PERMISSIVE, MAX_CGROUP_DEPTH, ORIG_VIA_CONNECT6,
 };
 
 use crate::{
@@ -111,7 +113,7 @@ unsafe fn decide(
         Counter::SkipExcludedPort
     } else if cidr_excluded(*dst) {
         Counter::SkipExcludedCidr
-    } else if !mesh_destination(dst) {
+    } else if cfg.flags & CONFIG_CAPTURE_ALL == 0 && !mesh_destination(dst) {
         Counter::SkipNotMeshDestination
     } else {
         return Verdict::Outbound;

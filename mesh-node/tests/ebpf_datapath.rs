@@ -371,6 +371,7 @@ fn stale_and_partial_sets_are_replaced() {
         dests,
         "mesh destinations carried over"
     );
+    assert!(dp.destinations_known().unwrap(), "and capture is limited to them");
     drop(dp);
 
     // A partial set of this very build: a program pin is missing.
@@ -827,4 +828,36 @@ fn enrolled_connects_are_captured_and_original_dst_answered() {
     for (name, value) in expect {
         assert_eq!(c[name], value, "counter {name}; all: {c:?}");
     }
+}
+
+#[test]
+fn until_the_destinations_are_first_written_every_destination_is_captured() {
+    let env = Env::new("capall");
+    let (listen4, _listen6, port) = listeners_in(&env.cgroup("proxy"));
+    let mut cfg = env.config();
+    cfg.outbound_port = port;
+    let mut dp = Datapath::start(&cfg).expect("start");
+    dp.set_enrolled(&BTreeSet::from([
+        ebpf::cgroup_id(&env.cgroup("pods/app")).unwrap()
+    ]))
+    .unwrap();
+    // A new set with nothing to carry over knows nothing of what the mesh serves.
+    assert!(!dp.destinations_known().unwrap());
+    // Multicast: TCP refuses it locally, so only a rewrite to the proxy connects.
+    let dial = "224.0.0.2:80";
+    let result = run_client(&env.cgroup("pods/app"), dial);
+    assert!(result.starts_with("connected "), "captured meanwhile: {result}");
+    assert!(accept_within(&listen4, Duration::from_secs(5)).is_some());
+
+    dp.set_destinations(&BTreeMap::new()).unwrap();
+    assert!(dp.destinations_known().unwrap());
+    let result = run_client(&env.cgroup("pods/app"), dial);
+    assert!(result.starts_with("error "), "not a mesh destination: {result}");
+    assert_eq!(counters(&dp)["skip_not_mesh_destination"], 1);
+
+    // A restart re-uses the set, and what it knows.
+    drop(dp);
+    let dp = Datapath::start(&cfg).expect("restart");
+    assert!(dp.reused_pins());
+    assert!(dp.destinations_known().unwrap());
 }

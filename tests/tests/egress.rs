@@ -136,7 +136,16 @@ impl World {
             &self.client,
             SocketAddr::new(self.remote.ipv4.into(), 8080),
         )?;
-        self.wait_destinations(destinations)
+        self.wait_destinations(destinations)?;
+        // A new set captures everything until the agent has first written the map.
+        wait_until(WAIT, "node a to limit capture to the mesh destinations", || {
+            self.a()
+                .logs()
+                .iter()
+                .any(|l| l["message"] == "outbound capture limited to the mesh destinations")
+                .then_some(())
+                .ok_or_else(|| "not logged yet".to_owned())
+        })
     }
 
     fn event(&self, name: &str) -> Result<f64> {

@@ -11,7 +11,8 @@ use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, 
 use ipnet::IpNet;
 use mesh_common::{
     self as common, addr_from_ip, ip_from_addr, Enrollment, OrigDst, ProxyConfig, SockKey, TcConfig,
-    COUNTER_COUNT, COUNTER_NAMES, DESTINATIONS_MAX_ENTRIES, DEST_SERVICE_VIP, ENROLL_CAPTURE_OUTBOUND,
+    CONFIG_CAPTURE_ALL, COUNTER_COUNT, COUNTER_NAMES, DESTINATIONS_MAX_ENTRIES, DEST_SERVICE_VIP,
+    ENROLL_CAPTURE_OUTBOUND,
 };
 
 use super::{error::EbpfError, DatapathConfig, DestinationsDiff, EnrollDiff};
@@ -95,14 +96,16 @@ impl Maps {
 
     /// Writes the proxy config and makes the exclusion maps equal the desired ones. New
     /// entries go in before old ones come out, so nothing still wanted is ever missing.
+    /// `CONFIG_CAPTURE_ALL` is kept as it is: it follows `mesh_dests`, not the config.
     pub(crate) fn apply_config(&mut self, cfg: &DatapathConfig, proxy_cgroup: u64) -> Result<(), EbpfError> {
-        let proxy = ProxyConfig::new(
+        let mut proxy = ProxyConfig::new(
             cfg.proxy_ipv4,
             cfg.proxy_ipv6,
             cfg.outbound_port,
             cfg.inbound_plain_port,
             proxy_cgroup,
         );
+        proxy.flags |= self.proxy_config()?.flags & CONFIG_CAPTURE_ALL;
         self.config
             .set(0, proxy, 0)
             .map_err(|e| EbpfError::aya("writing mesh_config", e))?;
@@ -248,6 +251,20 @@ impl Maps {
         self.config
             .get(&0, 0)
             .map_err(|e| EbpfError::aya("reading mesh_config", e))
+    }
+
+    /// Sets or clears `CONFIG_CAPTURE_ALL`. Returns whether it changed.
+    pub(crate) fn set_capture_all(&mut self, on: bool) -> Result<bool, EbpfError> {
+        let mut proxy = self.proxy_config()?;
+        let was = proxy.flags & CONFIG_CAPTURE_ALL != 0;
+        if was == on {
+            return Ok(false);
+        }
+        proxy.flags ^= CONFIG_CAPTURE_ALL;
+        self.config
+            .set(0, proxy, 0)
+            .map_err(|e| EbpfError::aya("writing mesh_config", e))?;
+        Ok(true)
     }
 
     pub(crate) fn exclusions(&self) -> Result<(BTreeSet<u16>, BTreeSet<IpNet>), EbpfError> {

@@ -370,7 +370,11 @@ impl Datapath {
                 maps.set_tc_config(tc_config)?;
             }
             let dests = pins::destinations_in(&previous);
-            if !dests.is_empty() {
+            if dests.is_empty() {
+                // Nothing known of what the mesh serves (a first install, or an upgrade from a
+                // version that captured everything): capture everything until the agent knows.
+                maps.set_capture_all(true)?;
+            } else {
                 maps.add_destinations(&dests)?;
                 info!(
                     count = dests.len(),
@@ -456,14 +460,28 @@ impl Datapath {
     }
 
     /// Makes `mesh_dests` equal `desired`: the addresses the mesh serves, the only ones an
-    /// enrolled pod's connect is captured to. More than the map holds are reported in
+    /// enrolled pod's connect is captured to from now on. More than the map holds are reported in
     /// [`DestinationsDiff::left_out`], not failed.
     pub fn set_destinations(
         &mut self,
         desired: &BTreeMap<IpAddr, DestKind>,
     ) -> Result<DestinationsDiff, EbpfError> {
         let flags = desired.iter().map(|(ip, k)| (*ip, k.flags())).collect();
-        self.maps.set_destinations(&flags)
+        let diff = self.maps.set_destinations(&flags)?;
+        if self.maps.set_capture_all(false)? {
+            info!(
+                destinations = desired.len() - diff.left_out,
+                "outbound capture limited to the mesh destinations"
+            );
+        }
+        Ok(diff)
+    }
+
+    /// Whether outbound capture is limited to the mesh destinations: false until the first
+    /// [`Datapath::set_destinations`] on a set that had none to carry over (every destination
+    /// is captured meanwhile).
+    pub fn destinations_known(&self) -> Result<bool, EbpfError> {
+        Ok(self.maps.proxy_config()?.flags & mesh_common::CONFIG_CAPTURE_ALL == 0)
     }
 
     /// The mesh destinations as the kernel programs see them (IPv4 as IPv4).
