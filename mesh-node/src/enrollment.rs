@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use mesh_api::{MtlsMode, Workload};
 
@@ -205,7 +205,13 @@ fn reconcile(
     match datapath.set_destinations(&destinations(state)) {
         Ok(diff) => {
             if !diff.added.is_empty() || !diff.removed.is_empty() {
-                info!(added = ?diff.added, removed = ?diff.removed, "mesh destinations updated");
+                // Cluster-wide, so possibly many: counted at info, listed at debug.
+                info!(
+                    added = diff.added.len(),
+                    removed = diff.removed.len(),
+                    "mesh destinations updated"
+                );
+                debug!(added = ?diff.added, removed = ?diff.removed, "mesh destinations changed");
             }
             if diff.left_out > 0 {
                 destinations_left_out = diff.left_out;

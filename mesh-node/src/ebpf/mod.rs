@@ -6,13 +6,15 @@
 //!
 //! Replacing a stale set (another version, a partial or corrupt set) is make-before-break: the
 //! new set is loaded into a staging dir, its maps filled (config, exclusions, and the enrolled
-//! cgroups and mesh destinations of the set it replaces), its links attached, and only then are the old pins removed
-//! (which detaches the old links). While both are attached, the two compose: cgroup programs
-//! of one attach point run in attach order, so the old connect program rewrites first and the
-//! new one then sees the proxy's own address and leaves it; each set's sock_ops and getsockopt
-//! only answer from their own maps and leave a miss untouched. `BPF_LINK_UPDATE` was not used:
-//! it swaps one program in place but cannot carry the old set's map contents, and a set can
-//! differ in shape (number of programs, maps) between versions.
+//! cgroups and mesh destinations of the set it replaces), its links attached, and only then are
+//! the old pins removed (which detaches the old links). While both are attached, the two
+//! compose: cgroup programs of one attach point run in attach order, so the old connect program
+//! rewrites first and the new one then sees the proxy's own address and leaves it; a new set
+//! with no mesh destinations to carry over captures every destination until the agent first
+//! writes them (`CONFIG_CAPTURE_ALL`). Each set's sock_ops and getsockopt only answer from their
+//! own maps and leave a miss untouched. `BPF_LINK_UPDATE` was not used: it swaps one program in
+//! place but cannot carry the old set's map contents, and a set can differ in shape (number of
+//! programs, maps) between versions.
 //!
 //! Inbound capture and STRICT enforcement are tc programs on interfaces of the node's network
 //! namespace, attached as TCX links: [`Datapath::set_inbound`] (ingress of the uplink) and
