@@ -26,9 +26,12 @@ pub const MAP_TC_CONFIG: &str = "mesh_tc_config";
 /// Enrolled pods' host-side veth ifindex → [`PodGateway`]: the node's link-layer address to
 /// which a pod's reply to one of the proxy's transparent sockets is re-addressed.
 pub const MAP_POD_GW: &str = "mesh_pod_gw";
+/// The destinations the mesh serves (Service VIPs, enrolled pods' addresses): an enrolled pod's
+/// connect to any other address is left alone.
+pub const MAP_DESTINATIONS: &str = "mesh_dests";
 
 /// Every map of the object, in pin order.
-pub const MAP_NAMES: [&str; 10] = [
+pub const MAP_NAMES: [&str; 11] = [
     MAP_CONFIG,
     MAP_ENROLLED,
     MAP_COOKIE_DST,
@@ -39,6 +42,7 @@ pub const MAP_NAMES: [&str; 10] = [
     MAP_LOCAL_IPS,
     MAP_TC_CONFIG,
     MAP_POD_GW,
+    MAP_DESTINATIONS,
 ];
 
 /// Program (ELF symbol) names. They differ from their section names on purpose: a function
@@ -65,6 +69,9 @@ pub const EXCL_CIDRS_MAX_ENTRIES: u32 = 1024;
 pub const LOCAL_IPS_MAX_ENTRIES: u32 = 16 * 1024;
 pub const TC_CONFIG_MAX_ENTRIES: u32 = 1;
 pub const POD_GW_MAX_ENTRIES: u32 = 16 * 1024;
+/// Service VIPs of both families plus every enrolled pod's addresses in the cluster. When the
+/// cluster has more, the agent reports the ones left out, and connects to them go uncaptured.
+pub const DESTINATIONS_MAX_ENTRIES: u32 = 64 * 1024;
 
 /// Default port of the proxy's outbound capture listener.
 pub const DEFAULT_OUTBOUND_PORT: u16 = 15001;
@@ -84,6 +91,10 @@ pub const AF_INET6: u16 = 10;
 pub const CONFIG_HAS_V4: u16 = 1 << 0;
 /// `ProxyConfig::flags`: `ipv6` is set.
 pub const CONFIG_HAS_V6: u16 = 1 << 1;
+/// `ProxyConfig::flags`: `mesh_dests` has not been filled yet (a new set that had nothing to
+/// carry over, e.g. the first start after an upgrade from a version without it): capture every
+/// destination, as if all were listed, until the agent first writes the map.
+pub const CONFIG_CAPTURE_ALL: u16 = 1 << 2;
 
 /// The single entry of `mesh_config`: where captured connections are sent.
 #[repr(C)]
@@ -95,7 +106,7 @@ pub struct ProxyConfig {
     pub ipv6: [u32; 4],
     /// Outbound capture port, host byte order.
     pub port: u16,
-    /// `CONFIG_HAS_V4` | `CONFIG_HAS_V6`.
+    /// `CONFIG_HAS_V4` | `CONFIG_HAS_V6` | `CONFIG_CAPTURE_ALL`.
     pub flags: u16,
     /// Inbound plaintext listener port (PERMISSIVE pods), host byte order.
     pub inbound_plain_port: u16,
@@ -160,6 +171,12 @@ pub const LOCAL_IP_PERMISSIVE: u32 = 1 << 1;
 /// Service VIP the node DNATs) dropped at its veth: without a policy there is nothing to go
 /// around, and dropping would only break clients outside the mesh.
 pub const LOCAL_IP_POLICED: u32 = 1 << 2;
+
+/// Value of `mesh_dests` (key: the address in v6 form, `[u32; 4]`): a Service VIP. The kernel
+/// only asks whether a key is present; the flags say why, for inspection.
+pub const DEST_SERVICE_VIP: u32 = 1 << 0;
+/// Value of `mesh_dests`: an enrolled pod's address, on this node or another.
+pub const DEST_WORKLOAD: u32 = 1 << 1;
 
 /// `Enrollment::flags`: capture this cgroup's (and its descendants') outbound TCP.
 pub const ENROLL_CAPTURE_OUTBOUND: u32 = 1 << 0;
@@ -297,10 +314,13 @@ pub enum Counter {
     /// sockets (a reply from a pod outside the mesh on the same bridge, to a connection the
     /// proxy made from the enrolled pod's address), turned back into the node's IP stack.
     ReplyRedirected,
+    /// Connects of enrolled pods left alone because the destination is not one the mesh serves
+    /// (not in `mesh_dests`): they leave from the pod's own address.
+    SkipNotMeshDestination,
 }
 
 /// Number of counters (entries of `mesh_counters`).
-pub const COUNTER_COUNT: u32 = 33;
+pub const COUNTER_COUNT: u32 = 34;
 
 /// Name of each counter, indexed by `Counter as usize`.
 pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
@@ -337,10 +357,11 @@ pub const COUNTER_NAMES: [&str; COUNTER_COUNT as usize] = [
     "reply_uplink_marked",
     "reply_pod_marked",
     "reply_redirected",
+    "skip_not_mesh_destination",
 ];
 
 // The counter list and its names must stay in step.
-const _: () = assert!(Counter::ReplyRedirected as u32 + 1 == COUNTER_COUNT);
+const _: () = assert!(Counter::SkipNotMeshDestination as u32 + 1 == COUNTER_COUNT);
 const _: () = assert!(core::mem::size_of::<TcConfig>() == 24);
 const _: () = assert!(core::mem::size_of::<PodGateway>() == 12);
 const _: () = assert!(core::mem::size_of::<ProxyConfig>() == 40);

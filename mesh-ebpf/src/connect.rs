@@ -1,8 +1,13 @@
-//! `cgroup/connect4` and `cgroup/connect6`: rewrite an enrolled cgroup's TCP connect to the
-//! node proxy's outbound listener, and a connect from outside the mesh (a pod that is not
-//! enrolled or opted out, or an enrolled pod's connect that an exclusion leaves uncaptured) to
-//! a local PERMISSIVE pod to the proxy's inbound plaintext listener;
-//! either way remember the original destination by socket cookie.
+//! `cgroup/connect4` and `cgroup/connect6`: rewrite an enrolled cgroup's TCP connect to a
+//! destination the mesh serves (a Service VIP or an enrolled pod's address, anywhere in the
+//! cluster: the keys of `mesh_dests`) to the node proxy's outbound listener, and a connect from
+//! outside the mesh (a pod that is not enrolled or opted out, or an enrolled pod's connect that
+//! an exclusion leaves uncaptured) to a local PERMISSIVE pod to the proxy's inbound plaintext
+//! listener; either way remember the original destination by socket cookie.
+//! Every other connect is left alone: it leaves the pod from the pod's own address, so the
+//! pod's egress controls (NetworkPolicies, metadata hop limits) keep applying to it. Until the
+//! agent has first written `mesh_dests` (`CONFIG_CAPTURE_ALL`), every destination counts as the
+//! mesh's, so a new set never lets mesh traffic go around the proxy while it is being filled.
 //! Outbound capture fails open (the connect goes on uncaptured: better than breaking the app);
 //! plaintext steering fails closed (the connect is refused, EPERM): letting it through would
 //! bypass the pod's policy.
@@ -15,13 +20,13 @@ use aya_ebpf::{
 };
 use core::ptr::addr_of_mut;
 use mesh_common::{
-    is_v4_mapped, v4_mapped, Counter, OrigDst, ProxyConfig, AF_INET, AF_INET6, CONFIG_HAS_V4, CONFIG_HAS_V6,
-    HBONE_PORT, LOCAL_IP_PERMISSIVE, MAX_CGROUP_DEPTH, ORIG_VIA_CONNECT6,
+    is_v4_mapped, v4_mapped, Counter, OrigDst, ProxyConfig, AF_INET, AF_INET6, CONFIG_CAPTURE_ALL,
+    CONFIG_HAS_V4, CONFIG_HAS_V6, HBONE_PORT, LOCAL_IP_PERMISSIVE, MAX_CGROUP_DEPTH, ORIG_VIA_CONNECT6,
 };
 
 use crate::{
     ctx::{rd, rd_words, wr, wr_words},
-    maps::{cidr_excluded, config, count, port_excluded, MESH_COOKIE_DST, MESH_ENROLLED},
+    maps::{cidr_excluded, config, count, mesh_destination, port_excluded, MESH_COOKIE_DST, MESH_ENROLLED},
     tc::MESH_LOCAL_IPS,
 };
 
@@ -108,6 +113,8 @@ unsafe fn decide(
         Counter::SkipExcludedPort
     } else if cidr_excluded(*dst) {
         Counter::SkipExcludedCidr
+    } else if cfg.flags & CONFIG_CAPTURE_ALL == 0 && !mesh_destination(dst) {
+        Counter::SkipNotMeshDestination
     } else {
         return Verdict::Outbound;
     };

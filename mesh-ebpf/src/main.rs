@@ -1,10 +1,12 @@
 //! Kernel programs; built for `bpfel-unknown-none` by mesh-node's build script.
 //!
-//! Small and dumb on purpose: they steer enrolled pods' outbound TCP to the node proxy and
-//! remember where it was going. Every decision with policy in it lives in user space.
+//! Small and dumb on purpose: they steer enrolled pods' outbound TCP to destinations the mesh
+//! serves (the addresses user space lists in `mesh_dests`) to the node proxy and remember where
+//! it was going; other destinations are left alone. Every decision with policy in it lives in
+//! user space.
 //!
-//! - `cgroup/connect4`, `cgroup/connect6` (pods' cgroup root): rewrite to the proxy, keep
-//!   socket cookie → original destination (`connect.rs`).
+//! - `cgroup/connect4`, `cgroup/connect6` (pods' cgroup root): rewrite a connect to a mesh
+//!   destination to the proxy, keep socket cookie → original destination (`connect.rs`).
 //! - `sockops` (pods' cgroup root): on the client's ACTIVE_ESTABLISHED, move that entry to a
 //!   4-tuple key the proxy can find (`sockops.rs`).
 //! - `cgroup/getsockopt` (proxy's cgroup): answer `SO_ORIGINAL_DST` (`getsockopt.rs`).

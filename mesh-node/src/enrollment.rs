@@ -2,7 +2,8 @@
 //! pods as the controller describes them, found by pod UID under the pods cgroup root — on
 //! start, whenever the config changes, and periodically, so that drift (a vanished cgroup, a
 //! pod whose cgroup appears after its config, a map edited by hand) is repaired unasked. The same
-//! rounds keep inbound capture, STRICT enforcement and the capture routing in place.
+//! rounds keep the mesh destinations (what outbound capture is limited to), inbound capture,
+//! STRICT enforcement and the capture routing in place.
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -11,13 +12,13 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use mesh_api::{MtlsMode, Workload};
 
 use crate::cgroups;
 use crate::control::NodeState;
-use crate::ebpf::{self, Datapath, Mode};
+use crate::ebpf::{self, Datapath, DestKind, Mode};
 use crate::netlink::{self, CaptureRouting};
 use crate::strict::{self, StrictMemory};
 
@@ -57,6 +58,20 @@ pub fn desired<E: std::fmt::Display>(
     d
 }
 
+/// The destinations the mesh serves, in this node's view: every Service VIP (both families)
+/// and every enrolled pod's address, on any node. An enrolled pod's connect is captured only
+/// to these; everything else leaves the pod untouched.
+pub fn destinations(state: &NodeState) -> BTreeMap<IpAddr, DestKind> {
+    let mut out: BTreeMap<IpAddr, DestKind> = BTreeMap::new();
+    for ip in state.service_vips() {
+        out.entry(ip.to_canonical()).or_default().service_vip = true;
+    }
+    for ip in state.enrolled_ips() {
+        out.entry(ip.to_canonical()).or_default().workload = true;
+    }
+    out
+}
+
 /// What the last round found, for the admin API and the metrics.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Report {
@@ -68,6 +83,8 @@ pub struct Report {
     pub problems: BTreeMap<String, String>,
     /// Enrolled pods whose host-side interface was not found → why. Their last attachment stays.
     pub strict_unresolved: BTreeMap<String, String>,
+    /// Mesh destinations that did not fit in the kernel map (not captured).
+    pub destinations_left_out: usize,
     /// Rounds done since the agent started (this one included).
     pub round: u64,
     /// How long this round took.
@@ -184,6 +201,35 @@ fn reconcile(
         }
     }
 
+    let mut destinations_left_out = 0;
+    match datapath.set_destinations(&destinations(state)) {
+        Ok(diff) => {
+            if !diff.added.is_empty() || !diff.removed.is_empty() {
+                // Cluster-wide, so possibly many: counted at info, listed at debug.
+                info!(
+                    added = diff.added.len(),
+                    removed = diff.removed.len(),
+                    "mesh destinations updated"
+                );
+                debug!(added = ?diff.added, removed = ?diff.removed, "mesh destinations changed");
+            }
+            if diff.left_out > 0 {
+                destinations_left_out = diff.left_out;
+                problems.insert(
+                    "mesh destinations map".into(),
+                    format!(
+                        "full: {} addresses do not fit (at most {}); connects to them are not captured",
+                        diff.left_out,
+                        ebpf::DESTINATIONS_MAX_ENTRIES
+                    ),
+                );
+            }
+        }
+        Err(e) => {
+            problems.insert("mesh destinations map".into(), e.to_string());
+        }
+    }
+
     let ips: BTreeMap<IpAddr, Mode> = state
         .enrolled_local()
         .flat_map(|w| w.ips.iter().map(|ip| (*ip, mode(state, w))))
@@ -211,6 +257,7 @@ fn reconcile(
         captured,
         problems,
         strict_unresolved,
+        destinations_left_out,
         ..Report::default()
     }
 }
@@ -257,6 +304,64 @@ mod tests {
         assert_eq!(
             d.unresolved.get("ns/gone").map(String::as_str),
             Some("no such cgroup")
+        );
+    }
+
+    #[test]
+    fn destinations_are_vips_and_enrolled_pods_in_canonical_form() {
+        use mesh_api::{NodeView, Service, Update, UpdateKind, Version};
+        let pod = |uid: &str, node: &str, ips: &[&str], enrolled: bool| Workload {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "ns".into(),
+            node: node.into(),
+            service_account: "sa".into(),
+            identity: "spiffe://cluster.local/ns/ns/sa/sa".parse().unwrap(),
+            ips: ips.iter().map(|ip| ip.parse().unwrap()).collect(),
+            enrolled,
+            mtls_mode: MtlsMode::Strict,
+            labels: BTreeMap::new(),
+        };
+        let mut view = NodeView::default();
+        view.insert_workload(pod("here", "a", &["10.1.1.10", "fd00:1:1::10"], true));
+        view.insert_workload(pod("there", "b", &["::ffff:10.1.2.10"], true));
+        view.insert_workload(pod("outside", "b", &["10.1.2.11"], false));
+        view.insert_service(Service {
+            namespace: "ns".into(),
+            name: "svc".into(),
+            vips: vec!["10.96.0.1".parse().unwrap(), "fd00:96::1".parse().unwrap()],
+            ports: vec![],
+            endpoints: vec![],
+        });
+        let update = Update {
+            version: Version {
+                epoch: "e".into(),
+                number: 1,
+            },
+            kind: UpdateKind::Snapshot(view),
+        };
+        let state = crate::control::apply(&NodeState::new("a"), update).unwrap();
+        let got: Vec<(String, DestKind)> = destinations(&state)
+            .into_iter()
+            .map(|(ip, k)| (ip.to_string(), k))
+            .collect();
+        let vip = DestKind {
+            service_vip: true,
+            workload: false,
+        };
+        let pod = DestKind {
+            service_vip: false,
+            workload: true,
+        };
+        assert_eq!(
+            got,
+            [
+                ("10.1.1.10".to_owned(), pod),
+                ("10.1.2.10".to_owned(), pod),
+                ("10.96.0.1".to_owned(), vip),
+                ("fd00:1:1::10".to_owned(), pod),
+                ("fd00:96::1".to_owned(), vip),
+            ]
         );
     }
 

@@ -23,7 +23,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use mesh_node::ebpf::{self, Datapath, DatapathConfig, EbpfError, EnrollDiff};
+use mesh_node::ebpf::{self, Datapath, DatapathConfig, DestKind, EbpfError, EnrollDiff};
 
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
@@ -342,6 +342,8 @@ fn stale_and_partial_sets_are_replaced() {
     let cfg = env.config();
     let mut dp = Datapath::start(&cfg).expect("first start");
     dp.set_enrolled(&BTreeSet::from([7, 8])).unwrap();
+    let dests = mesh_destinations(&["10.96.0.1", "fd00:96::1"]);
+    dp.set_destinations(&dests).unwrap();
     let abi = dp.abi().to_string();
     drop(dp);
 
@@ -364,6 +366,12 @@ fn stale_and_partial_sets_are_replaced() {
         BTreeSet::from([7, 8]),
         "enrollment carried over"
     );
+    assert_eq!(
+        dp.destinations().unwrap(),
+        dests,
+        "mesh destinations carried over"
+    );
+    assert!(dp.destinations_known().unwrap(), "and capture is limited to them");
     drop(dp);
 
     // A partial set of this very build: a program pin is missing.
@@ -377,6 +385,7 @@ fn stale_and_partial_sets_are_replaced() {
     );
     expect_standard_attachments(&env, "proxy");
     assert_eq!(dp.enrolled().unwrap(), BTreeSet::from([7, 8]));
+    assert_eq!(dp.destinations().unwrap(), dests);
     drop(dp);
 
     // A link pin removed by hand (so detached): the set is re-used and the link re-attached.
@@ -491,6 +500,15 @@ fn own_cgroup_is_a_cgroup2_dir() {
 
 /// Not a test: the body of the child processes the capture test spawns (the test binary runs
 /// itself with `ROLE_ENV` set). Without it, it does nothing.
+/// Service VIPs, as the agent would list them in the mesh destinations map.
+fn mesh_destinations(ips: &[&str]) -> BTreeMap<IpAddr, DestKind> {
+    let vip = DestKind {
+        service_vip: true,
+        workload: false,
+    };
+    ips.iter().map(|ip| (ip.parse().unwrap(), vip)).collect()
+}
+
 #[test]
 fn zz_child_process_role() {
     let Ok(role) = std::env::var(ROLE_ENV) else { return };
@@ -682,6 +700,16 @@ fn enrolled_connects_are_captured_and_original_dst_answered() {
     let app = env.cgroup("pods/app");
     dp.set_enrolled(&BTreeSet::from([ebpf::cgroup_id(&app).unwrap()]))
         .unwrap();
+    // Only these are captured; 198.51.100.11 is dialled v4-mapped, and listed as IPv4.
+    let diff = dp
+        .set_destinations(&mesh_destinations(&[
+            "198.51.100.10",
+            "2001:db8::10",
+            "198.51.100.11",
+        ]))
+        .unwrap();
+    assert_eq!(diff.added.len(), 3, "{diff:?}");
+    assert_eq!(diff.left_out, 0);
     let nested = app.join("container");
     fs::create_dir(&nested).unwrap();
     struct Rmdir(PathBuf);
@@ -769,6 +797,8 @@ fn enrolled_connects_are_captured_and_original_dst_answered() {
         ("pods/app/container", "255.255.255.255:80"), // excluded CIDR
         ("pods/app/container", "224.0.0.1:9999"),     // excluded port
         ("pods/app/container", "224.0.0.1:15008"),    // HBONE port
+        ("pods/app/container", "224.0.0.1:80"),       // not a mesh destination
+        ("pods/app/container", "[ff02::1]:80"),       // not a mesh destination (v6)
         ("pods/other", "224.0.0.1:80"),               // not enrolled
         ("pods/other", "[ff02::1]:80"),               // not enrolled (v6)
     ];
@@ -793,8 +823,41 @@ fn enrolled_connects_are_captured_and_original_dst_answered() {
         ("skip_excluded_port", 1),
         ("skip_hbone_port", 1),
         ("skip_not_enrolled", 2),
+        ("skip_not_mesh_destination", 2),
     ];
     for (name, value) in expect {
         assert_eq!(c[name], value, "counter {name}; all: {c:?}");
     }
+}
+
+#[test]
+fn until_the_destinations_are_first_written_every_destination_is_captured() {
+    let env = Env::new("capall");
+    let (listen4, _listen6, port) = listeners_in(&env.cgroup("proxy"));
+    let mut cfg = env.config();
+    cfg.outbound_port = port;
+    let mut dp = Datapath::start(&cfg).expect("start");
+    dp.set_enrolled(&BTreeSet::from([
+        ebpf::cgroup_id(&env.cgroup("pods/app")).unwrap()
+    ]))
+    .unwrap();
+    // A new set with nothing to carry over knows nothing of what the mesh serves.
+    assert!(!dp.destinations_known().unwrap());
+    // Multicast: TCP refuses it locally, so only a rewrite to the proxy connects.
+    let dial = "224.0.0.2:80";
+    let result = run_client(&env.cgroup("pods/app"), dial);
+    assert!(result.starts_with("connected "), "captured meanwhile: {result}");
+    assert!(accept_within(&listen4, Duration::from_secs(5)).is_some());
+
+    dp.set_destinations(&BTreeMap::new()).unwrap();
+    assert!(dp.destinations_known().unwrap());
+    let result = run_client(&env.cgroup("pods/app"), dial);
+    assert!(result.starts_with("error "), "not a mesh destination: {result}");
+    assert_eq!(counters(&dp)["skip_not_mesh_destination"], 1);
+
+    // A restart re-uses the set, and what it knows.
+    drop(dp);
+    let dp = Datapath::start(&cfg).expect("restart");
+    assert!(dp.reused_pins());
+    assert!(dp.destinations_known().unwrap());
 }

@@ -10,11 +10,13 @@ use serde_json::Value;
 
 use mesh_harness::agent::Agent;
 use mesh_harness::app::{client, echo_server};
-use mesh_harness::controller::{namespace_yaml, pod_yaml, Controller};
+use mesh_harness::controller::{namespace_yaml, pod_yaml, service_yaml, Controller};
 use mesh_harness::prometheus::{Prometheus, PromqlError, Sample, ScrapeTarget};
 use mesh_harness::{wait_until, Cluster};
 
 const WAIT: Duration = Duration::from_secs(20);
+/// The Service in front of the pod outside the mesh.
+const OUTSIDER_VIP: &str = "10.96.0.60";
 const DASHBOARD: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),
     "/../daemonset/grafana/mesh-golden-signals.json"
@@ -43,12 +45,14 @@ fn prometheus_scrapes_a_node_and_counts_its_connections_by_route() -> Result<()>
         shop.push_str(&pod_yaml(pod, "shop", &pod.name, &[("app", &pod.name)]));
     }
     controller.apply("shop", &shop)?;
+    // The outsider is reached through its Service: the mesh captures only what it serves.
     controller.apply(
         "plain",
         &format!(
-            "{}---\n{}",
+            "{}---\n{}---\n{}",
             namespace_yaml("plain", &[]),
-            pod_yaml(&outsider, "plain", "default", &[])
+            pod_yaml(&outsider, "plain", "default", &[("app", "outsider")]),
+            service_yaml("outsider", "plain", OUTSIDER_VIP, 80, 8080, "outsider")
         ),
     )?;
     let _server = echo_server(&cluster, &server, &[8080])?;
@@ -77,12 +81,13 @@ fn prometheus_scrapes_a_node_and_counts_its_connections_by_route() -> Result<()>
         "up: {up:?}"
     );
 
-    // Same node and enrolled: served in the proxy. Not enrolled: passed through as plain TCP.
+    // Same node and enrolled: served in the proxy. A Service whose endpoint is not enrolled:
+    // passed through as plain TCP.
     const CONNECTIONS: f64 = 3.0;
     let mut local_connections = 0.0;
     for (route, dst) in [
         ("local", SocketAddr::new(server.ipv4.into(), 8080)),
-        ("passthrough", SocketAddr::new(outsider.ipv4.into(), 8080)),
+        ("passthrough", SocketAddr::new(OUTSIDER_VIP.parse()?, 80)),
     ] {
         let sample = format!(r#"mesh_outbound_connections_total{{route="{route}"}}"#);
         // The first connection the proxy routes this way: config and capture are in place.

@@ -92,6 +92,21 @@ impl NodeState {
         self.by_vip.get(&vip).and_then(|key| self.services.get(key))
     }
 
+    /// Every cluster IP of every service, both families.
+    pub fn service_vips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.by_vip.keys().copied()
+    }
+
+    /// Every address of an enrolled workload, local or remote, as [`NodeState::workload_by_ip`]
+    /// resolves it (an address claimed by an enrolled and a non-enrolled pod goes to the one
+    /// that lookup picks).
+    pub fn enrolled_ips(&self) -> impl Iterator<Item = IpAddr> + '_ {
+        self.by_ip
+            .iter()
+            .filter(|(_, uid)| self.workload(uid).is_some_and(|w| w.enrolled))
+            .map(|(ip, _)| *ip)
+    }
+
     fn insert_workload(&mut self, workload: Workload) {
         self.local.remove(&workload.uid);
         self.remote.remove(&workload.uid);
@@ -292,6 +307,19 @@ mod tests {
             Some("web")
         );
         assert!(s.workload_by_ip("10.9.9.9".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn mesh_addresses_are_vips_and_enrolled_pods_anywhere() {
+        let s = first();
+        let ips = |it: &mut dyn Iterator<Item = IpAddr>| {
+            let mut v: Vec<String> = it.map(|ip| ip.to_string()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(ips(&mut s.service_vips()), ["10.96.0.1"]);
+        // w2 (10.0.0.2) is not enrolled.
+        assert_eq!(ips(&mut s.enrolled_ips()), ["10.0.0.1", "10.0.1.1"]);
     }
 
     #[test]

@@ -113,6 +113,11 @@ impl Datapath {
                 count(self.maps.local_ips()?.len()),
             ),
             fill(common::MAP_TC_CONFIG, common::TC_CONFIG_MAX_ENTRIES, None),
+            fill(
+                common::MAP_DESTINATIONS,
+                common::DESTINATIONS_MAX_ENTRIES,
+                count(self.maps.destinations()?.len()),
+            ),
         ])
     }
 }

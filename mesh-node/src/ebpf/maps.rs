@@ -1,5 +1,6 @@
 //! Typed access to the pinned maps: configuration, exclusions, enrollment, local pod addresses,
-//! counters, and the original-destination lookup the proxy can use instead of `SO_ORIGINAL_DST`.
+//! mesh destinations, counters, and the original-destination lookup the proxy can use instead
+//! of `SO_ORIGINAL_DST`.
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap as StdHashMap},
@@ -10,10 +11,11 @@ use aya::maps::{lpm_trie::Key, Array, HashMap, LpmTrie, Map, MapData, MapError, 
 use ipnet::IpNet;
 use mesh_common::{
     self as common, addr_from_ip, ip_from_addr, Enrollment, OrigDst, PodGateway, ProxyConfig, SockKey,
-    TcConfig, COUNTER_COUNT, COUNTER_NAMES, ENROLL_CAPTURE_OUTBOUND,
+    TcConfig, CONFIG_CAPTURE_ALL, COUNTER_COUNT, COUNTER_NAMES, DESTINATIONS_MAX_ENTRIES, DEST_SERVICE_VIP,
+    ENROLL_CAPTURE_OUTBOUND,
 };
 
-use super::{error::EbpfError, DatapathConfig, EnrollDiff};
+use super::{error::EbpfError, DatapathConfig, DestinationsDiff, EnrollDiff};
 
 pub(crate) struct Maps {
     config: Array<MapData, ProxyConfig>,
@@ -25,6 +27,7 @@ pub(crate) struct Maps {
     local_ips: HashMap<MapData, [u32; 4], u32>,
     tc_config: Array<MapData, TcConfig>,
     pod_gw: HashMap<MapData, u32, PodGateway>,
+    dests: HashMap<MapData, [u32; 4], u32>,
 }
 
 fn take<T>(maps: &mut StdHashMap<&'static str, MapData>, name: &'static str) -> Result<T, EbpfError>
@@ -51,6 +54,7 @@ impl Maps {
             local_ips: take(&mut maps, common::MAP_LOCAL_IPS)?,
             tc_config: take(&mut maps, common::MAP_TC_CONFIG)?,
             pod_gw: take(&mut maps, common::MAP_POD_GW)?,
+            dests: take(&mut maps, common::MAP_DESTINATIONS)?,
         })
     }
 
@@ -100,33 +104,13 @@ impl Maps {
             .map_err(|e| EbpfError::aya("reading mesh_local_ips", e))
     }
 
-    /// Makes `mesh_local_ips` equal `desired` (address → flags): new and changed entries first,
-    /// then stale ones out. Returns the addresses (added, removed).
+    /// Makes `mesh_local_ips` equal `desired` (address → flags). Returns the addresses (added,
+    /// removed).
     pub(crate) fn set_local_ips(
         &mut self,
         desired: &BTreeMap<IpAddr, u32>,
     ) -> Result<(Vec<IpAddr>, Vec<IpAddr>), EbpfError> {
-        // Compared in map form: an IPv4 address and its v4-mapped IPv6 form are one key.
-        let want: BTreeMap<[u32; 4], u32> = desired.iter().map(|(ip, f)| (addr_from_ip(*ip), *f)).collect();
-        let have = self
-            .local_ips
-            .iter()
-            .collect::<Result<BTreeMap<[u32; 4], u32>, _>>()
-            .map_err(|e| EbpfError::aya("reading mesh_local_ips", e))?;
-        let added: Vec<[u32; 4]> = want.keys().filter(|k| !have.contains_key(*k)).copied().collect();
-        let removed: Vec<[u32; 4]> = have.keys().filter(|k| !want.contains_key(*k)).copied().collect();
-        self.add_local_ips(want.iter().filter(|(k, f)| have.get(*k) != Some(*f)))?;
-        for key in &removed {
-            remove_ok(self.local_ips.remove(key)).map_err(|e| {
-                EbpfError::aya(format!("removing local pod address {}", ip_from_addr(key)), e)
-            })?;
-        }
-        let sorted = |keys: &[[u32; 4]]| {
-            let mut ips: Vec<IpAddr> = keys.iter().map(ip_from_addr).collect();
-            ips.sort();
-            ips
-        };
-        Ok((sorted(&added), sorted(&removed)))
+        sync_addr_map(&mut self.local_ips, &map_form(desired), "local pod address")
     }
 
     /// Adds or updates addresses (map form → flags) without removing any.
@@ -134,24 +118,21 @@ impl Maps {
         &mut self,
         entries: impl Iterator<Item = (&'a [u32; 4], &'a u32)>,
     ) -> Result<(), EbpfError> {
-        for (key, flags) in entries {
-            self.local_ips
-                .insert(key, flags, 0)
-                .map_err(|e| EbpfError::aya(format!("adding local pod address {}", ip_from_addr(key)), e))?;
-        }
-        Ok(())
+        insert_all(&mut self.local_ips, entries, "local pod address")
     }
 
     /// Writes the proxy config and makes the exclusion maps equal the desired ones. New
     /// entries go in before old ones come out, so nothing still wanted is ever missing.
+    /// `CONFIG_CAPTURE_ALL` is kept as it is: it follows `mesh_dests`, not the config.
     pub(crate) fn apply_config(&mut self, cfg: &DatapathConfig, proxy_cgroup: u64) -> Result<(), EbpfError> {
-        let proxy = ProxyConfig::new(
+        let mut proxy = ProxyConfig::new(
             cfg.proxy_ipv4,
             cfg.proxy_ipv6,
             cfg.outbound_port,
             cfg.inbound_plain_port,
             proxy_cgroup,
         );
+        proxy.flags |= self.proxy_config()?.flags & CONFIG_CAPTURE_ALL;
         self.config
             .set(0, proxy, 0)
             .map_err(|e| EbpfError::aya("writing mesh_config", e))?;
@@ -233,6 +214,36 @@ impl Maps {
         Ok(())
     }
 
+    /// The mesh destinations and their `DEST_*` flags.
+    pub(crate) fn destinations(&self) -> Result<BTreeMap<IpAddr, u32>, EbpfError> {
+        self.dests
+            .iter()
+            .map(|r| r.map(|(k, f)| (ip_from_addr(&k), f)))
+            .collect::<Result<BTreeMap<IpAddr, u32>, _>>()
+            .map_err(|e| EbpfError::aya("reading mesh_dests", e))
+    }
+
+    /// Makes `mesh_dests` equal `desired` (address → `DEST_*` flags), or as much of it as fits:
+    /// Service VIPs first, then workload addresses, each in address order.
+    pub(crate) fn set_destinations(
+        &mut self,
+        desired: &BTreeMap<IpAddr, u32>,
+    ) -> Result<DestinationsDiff, EbpfError> {
+        let (want, left_out) = fit(map_form(desired), DESTINATIONS_MAX_ENTRIES as usize);
+        let (added, removed) = sync_addr_map(&mut self.dests, &want, "mesh destination")?;
+        Ok(DestinationsDiff {
+            added,
+            removed,
+            left_out,
+        })
+    }
+
+    /// Adds destinations (map form → flags, carried over from a replaced set) without removing
+    /// any.
+    pub(crate) fn add_destinations(&mut self, entries: &BTreeMap<[u32; 4], u32>) -> Result<(), EbpfError> {
+        insert_all(&mut self.dests, entries.iter(), "mesh destination")
+    }
+
     pub(crate) fn counters(&self) -> Result<Vec<(&'static str, u64)>, EbpfError> {
         (0..COUNTER_COUNT)
             .map(|i| {
@@ -269,6 +280,20 @@ impl Maps {
             .map_err(|e| EbpfError::aya("reading mesh_config", e))
     }
 
+    /// Sets or clears `CONFIG_CAPTURE_ALL`. Returns whether it changed.
+    pub(crate) fn set_capture_all(&mut self, on: bool) -> Result<bool, EbpfError> {
+        let mut proxy = self.proxy_config()?;
+        let was = proxy.flags & CONFIG_CAPTURE_ALL != 0;
+        if was == on {
+            return Ok(false);
+        }
+        proxy.flags ^= CONFIG_CAPTURE_ALL;
+        self.config
+            .set(0, proxy, 0)
+            .map_err(|e| EbpfError::aya("writing mesh_config", e))?;
+        Ok(true)
+    }
+
     pub(crate) fn exclusions(&self) -> Result<(BTreeSet<u16>, BTreeSet<IpNet>), EbpfError> {
         let ports = self
             .excl_ports
@@ -283,6 +308,61 @@ impl Maps {
             .map_err(|e| EbpfError::aya("reading mesh_excl_cidrs", e))?;
         Ok((ports, cidrs))
     }
+}
+
+/// Addresses in map form: an IPv4 address and its v4-mapped IPv6 form are one key.
+fn map_form(desired: &BTreeMap<IpAddr, u32>) -> BTreeMap<[u32; 4], u32> {
+    desired.iter().map(|(ip, f)| (addr_from_ip(*ip), *f)).collect()
+}
+
+/// The part of `want` that fits in `max` entries, Service VIPs first, and how many were left
+/// out.
+fn fit(want: BTreeMap<[u32; 4], u32>, max: usize) -> (BTreeMap<[u32; 4], u32>, usize) {
+    if want.len() <= max {
+        return (want, 0);
+    }
+    let left_out = want.len() - max;
+    let (vips, others): (Vec<_>, Vec<_>) = want.into_iter().partition(|(_, f)| f & DEST_SERVICE_VIP != 0);
+    (vips.into_iter().chain(others).take(max).collect(), left_out)
+}
+
+/// Makes an address map equal `want`: stale entries out first (so a nearly full map has room
+/// for the new ones; a stale entry is not wanted either way), then new and changed ones in.
+/// Returns the addresses (added, removed), ascending.
+fn sync_addr_map(
+    map: &mut HashMap<MapData, [u32; 4], u32>,
+    want: &BTreeMap<[u32; 4], u32>,
+    what: &str,
+) -> Result<(Vec<IpAddr>, Vec<IpAddr>), EbpfError> {
+    let have = map
+        .iter()
+        .collect::<Result<BTreeMap<[u32; 4], u32>, _>>()
+        .map_err(|e| EbpfError::aya(format!("reading the {what} map"), e))?;
+    let added: Vec<[u32; 4]> = want.keys().filter(|k| !have.contains_key(*k)).copied().collect();
+    let removed: Vec<[u32; 4]> = have.keys().filter(|k| !want.contains_key(*k)).copied().collect();
+    for key in &removed {
+        remove_ok(map.remove(key))
+            .map_err(|e| EbpfError::aya(format!("removing {what} {}", ip_from_addr(key)), e))?;
+    }
+    insert_all(map, want.iter().filter(|(k, f)| have.get(*k) != Some(*f)), what)?;
+    let sorted = |keys: &[[u32; 4]]| {
+        let mut ips: Vec<IpAddr> = keys.iter().map(ip_from_addr).collect();
+        ips.sort();
+        ips
+    };
+    Ok((sorted(&added), sorted(&removed)))
+}
+
+fn insert_all<'a>(
+    map: &mut HashMap<MapData, [u32; 4], u32>,
+    entries: impl Iterator<Item = (&'a [u32; 4], &'a u32)>,
+    what: &str,
+) -> Result<(), EbpfError> {
+    for (key, flags) in entries {
+        map.insert(key, flags, 0)
+            .map_err(|e| EbpfError::aya(format!("adding {what} {}", ip_from_addr(key)), e))?;
+    }
+    Ok(())
 }
 
 /// A removal of something already gone is a success.
@@ -329,5 +409,23 @@ mod tests {
         let (p, a) = cidr_key(&"2001:db8::1/32".parse().unwrap());
         assert_eq!(p, 32);
         assert_eq!(cidr_of_key(p, &a), "2001:db8::/32".parse::<IpNet>().unwrap());
+    }
+
+    #[test]
+    fn destinations_that_do_not_fit_leave_workloads_out_first() {
+        let entry = |ip: &str, flags: u32| (addr_from_ip(ip.parse().unwrap()), flags);
+        let want: BTreeMap<[u32; 4], u32> = [
+            entry("10.1.0.1", common::DEST_WORKLOAD),
+            entry("10.1.0.2", common::DEST_WORKLOAD),
+            entry("10.96.0.1", DEST_SERVICE_VIP),
+            entry("fd00:96::1", DEST_SERVICE_VIP),
+        ]
+        .into();
+        assert_eq!(fit(want.clone(), 4), (want.clone(), 0));
+        let (kept, left_out) = fit(want, 3);
+        assert_eq!(left_out, 1);
+        let kept: Vec<IpAddr> = kept.keys().map(ip_from_addr).collect();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(kept, [ip("10.1.0.1"), ip("10.96.0.1"), ip("fd00:96::1")]);
     }
 }

@@ -6,13 +6,15 @@
 //!
 //! Replacing a stale set (another version, a partial or corrupt set) is make-before-break: the
 //! new set is loaded into a staging dir, its maps filled (config, exclusions, and the enrolled
-//! cgroups of the set it replaces), its links attached, and only then are the old pins removed
-//! (which detaches the old links). While both are attached, the two compose: cgroup programs
-//! of one attach point run in attach order, so the old connect program rewrites first and the
-//! new one then sees the proxy's own address and leaves it; each set's sock_ops and getsockopt
-//! only answer from their own maps and leave a miss untouched. `BPF_LINK_UPDATE` was not used:
-//! it swaps one program in place but cannot carry the old set's map contents, and a set can
-//! differ in shape (number of programs, maps) between versions.
+//! cgroups and mesh destinations of the set it replaces), its links attached, and only then are
+//! the old pins removed (which detaches the old links). While both are attached, the two
+//! compose: cgroup programs of one attach point run in attach order, so the old connect program
+//! rewrites first and the new one then sees the proxy's own address and leaves it; a new set
+//! with no mesh destinations to carry over captures every destination until the agent first
+//! writes them (`CONFIG_CAPTURE_ALL`). Each set's sock_ops and getsockopt only answer from their
+//! own maps and leave a miss untouched. `BPF_LINK_UPDATE` was not used: it swaps one program in
+//! place but cannot carry the old set's map contents, and a set can differ in shape (number of
+//! programs, maps) between versions.
 //!
 //! Inbound capture and STRICT enforcement are tc programs on interfaces of the node's network
 //! namespace, attached as TCX links: [`Datapath::set_inbound`] (ingress of the uplink) and
@@ -46,7 +48,7 @@ use tracing::{debug, info, warn};
 pub use cgroup::{cgroup2_mount_point, cgroup_id, own_cgroup};
 pub use error::EbpfError;
 pub use inspect::{MapFill, ProgramLink};
-pub use mesh_common::{ProxyConfig, TcConfig, COUNTER_NAMES};
+pub use mesh_common::{ProxyConfig, TcConfig, COUNTER_NAMES, DESTINATIONS_MAX_ENTRIES};
 pub use preflight::preflight;
 
 use pins::{PinnedSet, Prog, WantedLink};
@@ -78,6 +80,43 @@ pub struct DatapathConfig {
 pub struct EnrollDiff {
     pub added: Vec<u64>,
     pub removed: Vec<u64>,
+}
+
+/// What `set_destinations` changed (ascending; IPv4 as IPv4).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DestinationsDiff {
+    pub added: Vec<IpAddr>,
+    pub removed: Vec<IpAddr>,
+    /// Desired destinations that did not fit in the map (`DESTINATIONS_MAX_ENTRIES`): connects
+    /// to them are not captured.
+    pub left_out: usize,
+}
+
+/// Why an address is a mesh destination (`mesh_dests` values; both may be set).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DestKind {
+    pub service_vip: bool,
+    pub workload: bool,
+}
+
+impl DestKind {
+    fn flags(self) -> u32 {
+        let mut f = 0;
+        if self.service_vip {
+            f |= mesh_common::DEST_SERVICE_VIP;
+        }
+        if self.workload {
+            f |= mesh_common::DEST_WORKLOAD;
+        }
+        f
+    }
+
+    fn from_flags(f: u32) -> DestKind {
+        DestKind {
+            service_vip: f & mesh_common::DEST_SERVICE_VIP != 0,
+            workload: f & mesh_common::DEST_WORKLOAD != 0,
+        }
+    }
 }
 
 /// The marks shared by the tc programs, the capture routing rule and the proxy's sockets.
@@ -359,6 +398,18 @@ impl Datapath {
             if let Some(tc_config) = tc_config {
                 maps.set_tc_config(tc_config)?;
             }
+            let dests = pins::destinations_in(&previous);
+            if dests.is_empty() {
+                // Nothing known of what the mesh serves (a first install, or an upgrade from a
+                // version that captured everything): capture everything until the agent knows.
+                maps.set_capture_all(true)?;
+            } else {
+                maps.add_destinations(&dests)?;
+                info!(
+                    count = dests.len(),
+                    "carried mesh destinations over from the replaced set"
+                );
+            }
         }
 
         let links_attached = ensure_links(&set, &set_dir, &wanted)?;
@@ -438,6 +489,41 @@ impl Datapath {
 
     pub fn enrolled(&self) -> Result<BTreeSet<u64>, EbpfError> {
         self.maps.enrolled()
+    }
+
+    /// Makes `mesh_dests` equal `desired`: the addresses the mesh serves, the only ones an
+    /// enrolled pod's connect is captured to from now on. More than the map holds are reported in
+    /// [`DestinationsDiff::left_out`], not failed.
+    pub fn set_destinations(
+        &mut self,
+        desired: &BTreeMap<IpAddr, DestKind>,
+    ) -> Result<DestinationsDiff, EbpfError> {
+        let flags = desired.iter().map(|(ip, k)| (*ip, k.flags())).collect();
+        let diff = self.maps.set_destinations(&flags)?;
+        if self.maps.set_capture_all(false)? {
+            info!(
+                destinations = desired.len() - diff.left_out,
+                "outbound capture limited to the mesh destinations"
+            );
+        }
+        Ok(diff)
+    }
+
+    /// Whether outbound capture is limited to the mesh destinations: false until the first
+    /// [`Datapath::set_destinations`] on a set that had none to carry over (every destination
+    /// is captured meanwhile).
+    pub fn destinations_known(&self) -> Result<bool, EbpfError> {
+        Ok(self.maps.proxy_config()?.flags & mesh_common::CONFIG_CAPTURE_ALL == 0)
+    }
+
+    /// The mesh destinations as the kernel programs see them (IPv4 as IPv4).
+    pub fn destinations(&self) -> Result<BTreeMap<IpAddr, DestKind>, EbpfError> {
+        Ok(self
+            .maps
+            .destinations()?
+            .into_iter()
+            .map(|(ip, f)| (ip, DestKind::from_flags(f)))
+            .collect())
     }
 
     /// Every counter of `mesh_counters` by name, summed over CPUs.

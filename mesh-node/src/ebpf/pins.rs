@@ -9,6 +9,7 @@
 //!     prog_connect4 prog_connect6 prog_sock_ops prog_getsockopt     programs
 //!     link_connect4_cg<ID> link_connect6_cg<ID> link_sock_ops_cg<ID>  cgroup links (pods cgroup)
 //!     link_getsockopt_cg<ID>                                          cgroup link (proxy cgroup)
+//!     mesh_dests                     addresses the mesh serves (what connect4/6 capture)
 //!     mesh_local_ips mesh_tc_config mesh_pod_gw                       maps of the tc programs
 //!     prog_tc_inbound prog_tc_strict prog_tc_reply                    tc programs
 //!     tcx_inbound_if<IFINDEX>        TCX ingress link on the uplink (set_inbound)
@@ -262,7 +263,7 @@ const fn spec<K, V>(name: &'static str, map_type: u32, max_entries: u32) -> MapS
     }
 }
 
-const MAP_SPECS: [MapSpec; 10] = [
+const MAP_SPECS: [MapSpec; 11] = [
     spec::<u32, common::ProxyConfig>(common::MAP_CONFIG, BPF_MAP_TYPE_ARRAY, common::CONFIG_MAX_ENTRIES),
     spec::<u64, common::Enrollment>(
         common::MAP_ENROLLED,
@@ -306,6 +307,11 @@ const MAP_SPECS: [MapSpec; 10] = [
         common::TC_CONFIG_MAX_ENTRIES,
     ),
     spec::<u32, common::PodGateway>(common::MAP_POD_GW, BPF_MAP_TYPE_HASH, common::POD_GW_MAX_ENTRIES),
+    spec::<[u32; 4], u32>(
+        common::MAP_DESTINATIONS,
+        BPF_MAP_TYPE_HASH,
+        common::DESTINATIONS_MAX_ENTRIES,
+    ),
 ];
 
 /// A pinned set whose maps and programs are present and consistent.
@@ -532,35 +538,10 @@ pub(crate) fn enrolled_in(stale: &[PathBuf]) -> BTreeSet<u64> {
 /// enforces the same from its first moment. Best effort: unreadable or differently shaped maps
 /// are skipped.
 pub(crate) fn tc_state_in(stale: &[PathBuf]) -> (BTreeMap<[u32; 4], u32>, Option<common::TcConfig>) {
-    use aya::maps::{Array, HashMap as AyaHashMap, Map};
-    let mut ips = BTreeMap::new();
+    use aya::maps::{Array, Map};
+    let ips = addr_map_in(stale, common::MAP_LOCAL_IPS);
     let mut config = None;
     for dir in stale {
-        let path = dir.join(common::MAP_LOCAL_IPS);
-        if path.exists() {
-            let read = || -> Result<Vec<([u32; 4], u32)>, String> {
-                let data = MapData::from_pin(&path).map_err(|e| e.to_string())?;
-                let info = data.info().map_err(|e| e.to_string())?;
-                if (info.key_size(), info.value_size()) != (16, 4) {
-                    return Err(format!(
-                        "key/value size {}/{}",
-                        info.key_size(),
-                        info.value_size()
-                    ));
-                }
-                let map = Map::from_map_data(data).map_err(|e| e.to_string())?;
-                let map = AyaHashMap::<MapData, [u32; 4], u32>::try_from(map).map_err(|e| e.to_string())?;
-                map.iter()
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|e| e.to_string())
-            };
-            match read() {
-                Ok(keys) => ips.extend(keys),
-                Err(e) => {
-                    warn!(path = %path.display(), error = %e, "cannot read local pod addresses of a stale set")
-                }
-            }
-        }
         let path = dir.join(common::MAP_TC_CONFIG);
         if config.is_none() && path.exists() {
             let read = || -> Result<common::TcConfig, String> {
@@ -583,6 +564,48 @@ pub(crate) fn tc_state_in(stale: &[PathBuf]) -> (BTreeMap<[u32; 4], u32>, Option
         }
     }
     (ips, config)
+}
+
+/// The mesh destinations (map form, with their flags) of other (stale) sets, so a replacement
+/// set captures the same destinations from its first moment. Best effort, like [`tc_state_in`].
+pub(crate) fn destinations_in(stale: &[PathBuf]) -> BTreeMap<[u32; 4], u32> {
+    addr_map_in(stale, common::MAP_DESTINATIONS)
+}
+
+/// The union of the address → flags map `name` (16-byte keys, u32 values) over `stale` sets.
+/// Sets without it, or with another shape, are skipped.
+fn addr_map_in(stale: &[PathBuf], name: &str) -> BTreeMap<[u32; 4], u32> {
+    use aya::maps::{HashMap as AyaHashMap, Map};
+    let mut out = BTreeMap::new();
+    for dir in stale {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let read = || -> Result<Vec<([u32; 4], u32)>, String> {
+            let data = MapData::from_pin(&path).map_err(|e| e.to_string())?;
+            let info = data.info().map_err(|e| e.to_string())?;
+            if (info.key_size(), info.value_size()) != (16, 4) {
+                return Err(format!(
+                    "key/value size {}/{}",
+                    info.key_size(),
+                    info.value_size()
+                ));
+            }
+            let map = Map::from_map_data(data).map_err(|e| e.to_string())?;
+            let map = AyaHashMap::<MapData, [u32; 4], u32>::try_from(map).map_err(|e| e.to_string())?;
+            map.iter()
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| e.to_string())
+        };
+        match read() {
+            Ok(entries) => out.extend(entries),
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, map = name, "cannot read a map of a stale set")
+            }
+        }
+    }
+    out
 }
 
 #[cfg(test)]

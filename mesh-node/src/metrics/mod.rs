@@ -69,6 +69,9 @@ pub struct Metrics {
     /// STRICT pods whose host-side interface the last round could not find (their last
     /// attachment is kept).
     pub strict_unresolved: IntGauge,
+    /// Mesh destinations the last round could not fit in the kernel map (connects to them are
+    /// not captured).
+    pub destinations_left_out: IntGauge,
 }
 
 impl Metrics {
@@ -196,6 +199,13 @@ impl Metrics {
                 IntGauge::new(
                     "strict_unresolved_pods",
                     "Enrolled pods whose host-side interface was not found in the last round; their last attachment is kept.",
+                )?,
+            )?,
+            destinations_left_out: add(
+                &registry,
+                IntGauge::new(
+                    "destinations_left_out",
+                    "Mesh destinations (Service VIPs, enrolled pod addresses) that did not fit in the kernel map in the last round; connects to them are not captured.",
                 )?,
             )?,
             registry,

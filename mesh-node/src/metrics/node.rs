@@ -42,5 +42,7 @@ pub fn observe_node(
         m.reconcile_duration.set(report.duration.as_secs_f64());
         m.strict_unresolved
             .set(i64::try_from(report.strict_unresolved.len()).unwrap_or(i64::MAX));
+        m.destinations_left_out
+            .set(i64::try_from(report.destinations_left_out).unwrap_or(i64::MAX));
     });
 }

@@ -1,6 +1,9 @@
 //! Outbound: a connection captured from an enrolled pod goes to its destination — over HBONE
 //! with the pod's own identity when the destination is in the mesh, in-process (still by
-//! policy) when it is on this node, and as plain TCP otherwise.
+//! policy) when it is on this node, and as plain TCP otherwise. The kernel captures only
+//! destinations the mesh serves (Service VIPs, enrolled pods: `mesh_dests`), so plain TCP is
+//! what a Service whose chosen endpoint is outside the mesh gets; other egress never reaches
+//! the proxy.
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;

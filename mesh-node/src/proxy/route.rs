@@ -13,7 +13,9 @@ use crate::control::NodeState;
 /// Where an outbound connection goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Route {
-    /// Not a mesh destination: connect to `dst` as plain TCP.
+    /// Not a mesh destination: connect to `dst` as plain TCP. The kernel captures only mesh
+    /// destinations, so this is a Service VIP whose endpoint is outside the mesh, or an address
+    /// the kernel still held as the mesh's while this node's view moved on.
     Passthrough {
         dst: SocketAddr,
         reason: PassthroughReason,
