@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use thiserror::Error;
 
@@ -216,6 +216,21 @@ pub struct RunArgs {
     /// kernel's default).
     #[arg(long, env = "MESH_TCP_USER_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub tcp_user_timeout: Duration,
+
+    /// Keep the pod's own address on the proxy's connections (HBONE to other nodes, delivery to
+    /// the destination pod), so peers, apps and NetworkPolicies see the client pod rather than
+    /// the node. Needs transparent sockets (CAP_NET_ADMIN) and policy routing; the agent refuses
+    /// to start without them. `--preserve-source=false` connects from the node's address.
+    #[arg(
+        long,
+        env = "MESH_PRESERVE_SOURCE",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_value_t = true,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub preserve_source: bool,
 }
 
 /// A mark: decimal, or hexadecimal with a `0x` prefix.
@@ -256,6 +271,8 @@ pub struct Config {
     pub capture: CaptureConfig,
     /// Caps and timeouts of the listeners and carried connections.
     pub limits: Limits,
+    /// Connections the proxy makes keep the pod's address (`--preserve-source`).
+    pub preserve_source: bool,
 }
 
 #[derive(Debug, Error, PartialEq, Eq)]
@@ -389,6 +406,7 @@ impl RunArgs {
                 rule_priority: self.capture_rule_priority,
             },
             limits,
+            preserve_source: self.preserve_source,
         })
     }
 
@@ -626,6 +644,22 @@ mod tests {
             let err = parse(&["--node-ip", "10.0.0.1", "--inbound-plain-port", port]).unwrap_err();
             assert!(err.contains("--inbound-plain-port"), "{port}: {err}");
         }
+    }
+
+    #[test]
+    fn preserve_source_is_on_unless_turned_off() {
+        let on = |args: &[&str]| {
+            let mut all = vec!["--node-ip", "10.0.0.1"];
+            all.extend(args);
+            parse(&all).map(|c| c.preserve_source)
+        };
+        assert_eq!(on(&[]), Ok(true));
+        assert_eq!(on(&["--preserve-source"]), Ok(true));
+        assert_eq!(on(&["--preserve-source=true"]), Ok(true));
+        assert_eq!(on(&["--preserve-source=false"]), Ok(false));
+        assert_eq!(on(&["--preserve-source", "false"]), Ok(false));
+        let err = on(&["--preserve-source=maybe"]).unwrap_err();
+        assert!(err.contains("--preserve-source"), "{err}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ mod inspect;
 mod maps;
 mod pins;
 mod preflight;
+mod preflight_source;
 mod sys;
 
 use std::{
@@ -48,6 +49,7 @@ pub use error::EbpfError;
 pub use inspect::{MapFill, ProgramLink};
 pub use mesh_common::{ProxyConfig, TcConfig, COUNTER_NAMES};
 pub use preflight::preflight;
+pub use preflight_source::{preflight_source, MissingFeature};
 
 use pins::{PinnedSet, Prog, WantedLink};
 
