@@ -4,8 +4,8 @@
 //! provide it, and how to turn the feature off.
 //!
 //! - Transparent sockets: a TCP socket with `IP_TRANSPARENT` / `IPV6_TRANSPARENT` binds to an
-//!   address that is not local (needs CAP_NET_ADMIN), as the proxy's sockets bound to pod
-//!   addresses do.
+//!   address that is not local (needs CAP_NET_ADMIN or CAP_NET_RAW), as the proxy's sockets
+//!   bound to pod addresses do.
 //! - Policy routing: the family's FIB rules can be listed (`CONFIG_IP_MULTIPLE_TABLES`,
 //!   `CONFIG_IPV6_MULTIPLE_TABLES`), for the rules that bring replies back to the proxy.
 //! - The tc programs' socket lookup and assignment (`bpf_skc_lookup_tcp`, `bpf_sk_assign`) are
@@ -45,7 +45,7 @@ pub fn preflight_source(node_ips: &[IpAddr]) -> Result<(), MissingFeature> {
                 transparent_option(ip)
             ),
             cause: e.to_string(),
-            fix: "grant CAP_NET_ADMIN (the mesh-node DaemonSet does)",
+            fix: "grant CAP_NET_ADMIN (the mesh-node DaemonSet does) or CAP_NET_RAW",
         })?;
         netlink::probe_policy_routing(*ip).map_err(|e| MissingFeature {
             feature: format!("policy routing ({family} FIB rules)"),
@@ -102,13 +102,13 @@ mod tests {
         let e = MissingFeature {
             feature: "transparent sockets (IPv4: bind to a non-local address with IP_TRANSPARENT)".into(),
             cause: "Operation not permitted (os error 1)".into(),
-            fix: "grant CAP_NET_ADMIN (the mesh-node DaemonSet does)",
+            fix: "grant CAP_NET_ADMIN (the mesh-node DaemonSet does) or CAP_NET_RAW",
         };
         assert_eq!(
             e.to_string(),
             "--preserve-source needs transparent sockets (IPv4: bind to a non-local address with \
              IP_TRANSPARENT), which this node lacks (Operation not permitted (os error 1)); grant \
-             CAP_NET_ADMIN (the mesh-node DaemonSet does), or start mesh-node with \
+             CAP_NET_ADMIN (the mesh-node DaemonSet does) or CAP_NET_RAW, or start mesh-node with \
              --preserve-source=false (MESH_PRESERVE_SOURCE=false) to have the proxy connect from \
              the node's address"
         );
