@@ -1,8 +1,11 @@
 //! What an HBONE peer says about a connection beyond what its certificate proves — the service
 //! the source dialled, and who the source workload is — believed only as far as this node's
-//! own state bears it out. Every value that passes names something this node already knows or
-//! the peer's own verified namespace, so a peer cannot grow the metrics' label sets at will; and
-//! none of it is ever used for policy, which goes by the certificate alone.
+//! own state bears it out, and never used for policy, which goes by the certificate alone.
+//!
+//! The metrics' label sets stay bounded: a destination service is reported only if it is one
+//! this node knows, and a source's namespace is always its certificate's. Only a source workload
+//! this node cannot find is named by the peer's own word (as ztunnel names it), from a peer that
+//! holds a mesh certificate, in a value the baggage parser bounds in length and characters.
 use mesh_api::{Identity, NamespacedName, Workload};
 
 use super::hbone::Baggage;

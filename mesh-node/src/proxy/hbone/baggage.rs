@@ -91,7 +91,8 @@ pub enum BaggageError {
 impl Baggage {
     /// The baggage of a pod, from what the node knows of it: its namespace, the workload that
     /// created it (from the labels its controller sets) and its canonical service and revision
-    /// (from the labels Istio reads, with Istio's fallbacks).
+    /// (from the labels Istio reads, with Istio's fallbacks). The node is not told the cluster's
+    /// name, so `k8s.cluster.name` is left out, as ztunnel leaves out what it does not know.
     pub fn of(w: &Workload) -> Baggage {
         let (kind, name) = workload_of(w);
         let label = |keys: &[&str]| {
