@@ -1,6 +1,8 @@
 //! `meshctl check`: can mesh-node's datapath run on this machine? [`Facts::gather`] reads the
 //! system; [`evaluate`] judges the facts without touching it, one line per requirement, each
-//! failing one with the command or setting that fixes it.
+//! failing one with the command or setting that fixes it. The last three lines are what
+//! mesh-node's `--preserve-source` (on by default) needs, and the agent's own pre-flight refuses
+//! to start without: transparent sockets, policy routing, and the tc socket-lookup helpers.
 
 use std::fmt;
 use std::io;
@@ -8,10 +10,18 @@ use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
+use crate::probe::{self, Probe};
+
 /// The oldest kernel the datapath runs on: the tc programs attach as TCX links
 /// (`BPF_LINK_CREATE` on `BPF_TCX_INGRESS`/`EGRESS`, Linux 6.6); everything else it uses
 /// (cgroup sock_addr, sock_ops and sockopt programs with bpf_links, netns cookies) is older.
 pub const MIN_KERNEL: (u32, u32) = (6, 6);
+/// The first kernel whose tc programs may call `bpf_sk_assign` (`bpf_skc_lookup_tcp` is 5.2).
+pub const SOCKET_LOOKUP_KERNEL: (u32, u32) = (5, 7);
+
+/// How to do without what `--preserve-source` needs.
+const PRESERVE_SOURCE_OFF: &str =
+    "or run mesh-node with --preserve-source=false (MESH_PRESERVE_SOURCE=false)";
 
 pub const BPF_FS_MAGIC: u64 = 0xcafe_4a11;
 pub const CGROUP2_SUPER_MAGIC: u64 = 0x6367_7270;
@@ -57,6 +67,15 @@ pub struct Facts {
     pub bpffs_magic: Magic,
     /// The effective capability set of this process; none if it could not be read.
     pub cap_eff: Option<u64>,
+    /// Whether the kernel has IPv6 at all (`/proc/net/if_inet6`); the IPv6 probes count only
+    /// then.
+    pub ipv6: bool,
+    /// A TCP socket with `IP_TRANSPARENT` / `IPV6_TRANSPARENT` binds to a non-local address.
+    pub transparent_v4: Probe,
+    pub transparent_v6: Probe,
+    /// The family's routing rules can be listed (policy routing is built in).
+    pub rules_v4: Probe,
+    pub rules_v6: Probe,
 }
 
 impl Facts {
@@ -79,6 +98,11 @@ impl Facts {
             cap_eff: std::fs::read_to_string("/proc/self/status")
                 .ok()
                 .and_then(|s| cap_eff(&s)),
+            ipv6: Path::new("/proc/net/if_inet6").exists(),
+            transparent_v4: probe::transparent(false),
+            transparent_v6: probe::transparent(true),
+            rules_v4: probe::policy_routing(false),
+            rules_v6: probe::policy_routing(true),
         }
     }
 }
@@ -249,7 +273,83 @@ pub fn evaluate(f: &Facts) -> Vec<Line> {
             }
         }
     };
-    vec![kernel, btf, cgroup, bpffs, capabilities]
+    let mut lines = vec![kernel, btf, cgroup, bpffs, capabilities];
+    lines.extend(preserve_source(f));
+    lines
+}
+
+/// The lines of what `--preserve-source` needs.
+fn preserve_source(f: &Facts) -> [Line; 3] {
+    // The probes of the families this kernel has, by name; the failed ones with their error.
+    let failed = |v4: &Probe, v6: &Probe| -> Vec<String> {
+        let mut probes = vec![("IPv4", v4)];
+        if f.ipv6 {
+            probes.push(("IPv6", v6));
+        }
+        probes
+            .into_iter()
+            .filter_map(|(family, p)| p.as_ref().err().map(|e| format!("{family}: {e}")))
+            .collect()
+    };
+    let families = if f.ipv6 {
+        "IPv4 and IPv6"
+    } else {
+        "IPv4 (no IPv6 in this kernel)"
+    };
+    let failures = failed(&f.transparent_v4, &f.transparent_v6);
+    let transparent = if failures.is_empty() {
+        Line::pass(
+            "transparent-sockets",
+            format!("{families}: a transparent socket binds to a non-local address"),
+        )
+    } else {
+        Line::fail(
+            "transparent-sockets",
+            format!(
+                "IP_TRANSPARENT/IPV6_TRANSPARENT bind to a non-local address refused ({})",
+                failures.join("; ")
+            ),
+            format!(
+                "grant CAP_NET_ADMIN (the mesh-node DaemonSet does) or CAP_NET_RAW, {PRESERVE_SOURCE_OFF}"
+            ),
+        )
+    };
+    let failures = failed(&f.rules_v4, &f.rules_v6);
+    let routing = if failures.is_empty() {
+        Line::pass(
+            "policy-routing",
+            format!("{families}: routing rules can be listed"),
+        )
+    } else {
+        Line::fail(
+            "policy-routing",
+            format!("listing routing rules failed ({})", failures.join("; ")),
+            format!(
+                "boot a kernel built with CONFIG_IP_MULTIPLE_TABLES=y and CONFIG_IPV6_MULTIPLE_TABLES=y, {PRESERVE_SOURCE_OFF}"
+            ),
+        )
+    };
+    let (major, minor) = SOCKET_LOOKUP_KERNEL;
+    let lookup = match parse_release(&f.kernel_release) {
+        Some(v) if v >= SOCKET_LOOKUP_KERNEL => Line::pass(
+            "socket-lookup",
+            format!(
+                "bpf_skc_lookup_tcp and bpf_sk_assign in tc programs (Linux {major}.{minor}+; not probed apart: the kernel line covers them)"
+            ),
+        ),
+        _ => Line::fail(
+            "socket-lookup",
+            format!(
+                "Linux {} lacks bpf_sk_assign in tc programs (Linux {major}.{minor})",
+                f.kernel_release
+            ),
+            format!(
+                "boot a Linux {}.{} or newer kernel, {PRESERVE_SOURCE_OFF}",
+                MIN_KERNEL.0, MIN_KERNEL.1
+            ),
+        ),
+    };
+    [transparent, routing, lookup]
 }
 
 pub fn render(lines: &[Line]) -> String {
@@ -272,6 +372,11 @@ mod tests {
             bpffs_dir: "/sys/fs/bpf".into(),
             bpffs_magic: Ok(BPF_FS_MAGIC),
             cap_eff: Some(0x1ff_ffff_ffff),
+            ipv6: true,
+            transparent_v4: Ok(()),
+            transparent_v6: Ok(()),
+            rules_v4: Ok(()),
+            rules_v6: Ok(()),
         }
     }
 
@@ -288,7 +393,16 @@ mod tests {
         assert!(lines.iter().all(|l| l.pass), "{lines:?}");
         assert_eq!(
             lines.iter().map(|l| l.name).collect::<Vec<_>>(),
-            ["kernel", "btf", "cgroup2", "bpffs", "capabilities"]
+            [
+                "kernel",
+                "btf",
+                "cgroup2",
+                "bpffs",
+                "capabilities",
+                "transparent-sockets",
+                "policy-routing",
+                "socket-lookup"
+            ]
         );
         assert_eq!(
             lines[0].to_string(),
@@ -298,7 +412,7 @@ mod tests {
 
     #[test]
     fn an_old_kernel_fails() {
-        for release in ["6.5.0", "5.15.0-91-generic", "4.19.0"] {
+        for release in ["6.5.0", "5.15.0-91-generic"] {
             let line = only_failure(&Facts {
                 kernel_release: release.into(),
                 ..good()
@@ -314,11 +428,16 @@ mod tests {
             })[0]
                 .pass
         );
-        let line = only_failure(&Facts {
+        // An unreadable version cannot vouch for the socket-lookup helpers either.
+        let failed: Vec<&str> = evaluate(&Facts {
             kernel_release: "weird".into(),
             ..good()
-        });
-        assert_eq!(line.name, "kernel");
+        })
+        .into_iter()
+        .filter(|l| !l.pass)
+        .map(|l| l.name)
+        .collect();
+        assert_eq!(failed, ["kernel", "socket-lookup"]);
     }
 
     #[test]
@@ -411,6 +530,69 @@ mod tests {
             .name,
             "capabilities"
         );
+    }
+
+    #[test]
+    fn transparent_sockets_refused_name_the_family_the_fix_and_the_switch() {
+        let eperm = "Operation not permitted (os error 1)".to_string();
+        let line = only_failure(&Facts {
+            transparent_v4: Err(eperm.clone()),
+            transparent_v6: Err(eperm),
+            ..good()
+        });
+        assert_eq!(
+            line.to_string(),
+            "FAIL transparent-sockets: IP_TRANSPARENT/IPV6_TRANSPARENT bind to a non-local address \
+             refused (IPv4: Operation not permitted (os error 1); IPv6: Operation not permitted \
+             (os error 1)) (fix: grant CAP_NET_ADMIN (the mesh-node DaemonSet does) or CAP_NET_RAW, or run \
+             mesh-node with --preserve-source=false (MESH_PRESERVE_SOURCE=false))"
+        );
+    }
+
+    #[test]
+    fn missing_policy_routing_fails_and_ipv6_counts_only_where_the_kernel_has_it() {
+        let no_v6_rules = Facts {
+            rules_v6: Err("Address family not supported by protocol (os error 97)".into()),
+            ..good()
+        };
+        let line = only_failure(&no_v6_rules);
+        assert_eq!(line.name, "policy-routing");
+        assert!(line.detail.contains("IPv6: Address family"), "{line}");
+        assert!(!line.detail.contains("IPv4"), "{line}");
+        let fix = line.fix.unwrap();
+        assert!(fix.contains("CONFIG_IP_MULTIPLE_TABLES=y"), "{fix}");
+        assert!(fix.contains("--preserve-source=false"), "{fix}");
+        // A kernel without IPv6: the IPv6 probes fail and do not count.
+        let v4_only = evaluate(&Facts {
+            ipv6: false,
+            transparent_v6: Err("no IPv6".into()),
+            ..no_v6_rules
+        });
+        assert!(v4_only.iter().all(|l| l.pass), "{v4_only:?}");
+        assert_eq!(
+            v4_only[6].detail,
+            "IPv4 (no IPv6 in this kernel): routing rules can be listed"
+        );
+    }
+
+    #[test]
+    fn socket_lookup_goes_by_the_kernel_version() {
+        let lines = evaluate(&Facts {
+            kernel_release: "5.4.0".into(),
+            ..good()
+        });
+        let failed: Vec<&str> = lines.iter().filter(|l| !l.pass).map(|l| l.name).collect();
+        assert_eq!(failed, ["kernel", "socket-lookup"]);
+        assert!(lines[7].detail.contains("bpf_sk_assign"), "{}", lines[7]);
+        assert!(evaluate(&good())[7].detail.contains("not probed apart"));
+    }
+
+    #[test]
+    fn the_probes_pass_on_this_machine() {
+        // The tests run as root on a kernel with policy routing (as mesh-node's do).
+        assert_eq!(probe::transparent(false), Ok(()));
+        assert_eq!(probe::policy_routing(false), Ok(()));
+        assert_eq!(probe::policy_routing(true), Ok(()));
     }
 
     #[test]

@@ -9,6 +9,7 @@ pub mod enroll;
 pub mod error;
 pub mod node;
 pub mod output;
+pub mod probe;
 pub mod version;
 
 use clap::CommandFactory;

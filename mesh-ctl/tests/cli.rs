@@ -10,11 +10,18 @@ fn check_passes_on_this_machine() {
     let out = meshctl(&["check"]);
     assert_eq!(out.code, 0, "{out:?}");
     let lines: Vec<&str> = out.stdout.lines().collect();
-    assert_eq!(lines.len(), 5, "{out:?}");
-    for (line, name) in lines
-        .iter()
-        .zip(["kernel", "btf", "cgroup2", "bpffs", "capabilities"])
-    {
+    let names = [
+        "kernel",
+        "btf",
+        "cgroup2",
+        "bpffs",
+        "capabilities",
+        "transparent-sockets",
+        "policy-routing",
+        "socket-lookup",
+    ];
+    assert_eq!(lines.len(), names.len(), "{out:?}");
+    for (line, name) in lines.iter().zip(names) {
         assert!(line.starts_with(&format!("PASS {name}: ")), "{line}");
     }
 }
@@ -41,7 +48,7 @@ fn check_fails_on_a_directory_that_is_not_a_bpffs() {
         1,
         "{out:?}"
     );
-    assert_eq!(one_line(&out), "meshctl: 1 of 5 pre-flight checks failed");
+    assert_eq!(one_line(&out), "meshctl: 1 of 8 pre-flight checks failed");
 }
 
 #[test]
@@ -185,5 +192,36 @@ fn version_of_meshctl_alone() {
     assert_eq!(
         out.stdout,
         format!("meshctl: {}\napi: 1\n", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+/// Without CAP_NET_ADMIN and CAP_NET_RAW (dropped with `setpriv`; needs root), the kernel
+/// refuses a transparent socket, and check says so with the fix and the switch.
+#[test]
+fn check_fails_transparent_sockets_without_the_capability() {
+    let out = std::process::Command::new("setpriv")
+        .args([
+            "--inh-caps=-net_admin,-net_raw",
+            "--bounding-set=-net_admin,-net_raw",
+            "--",
+        ])
+        .arg(env!("CARGO_BIN_EXE_meshctl"))
+        .arg("check")
+        .output()
+        .expect("running meshctl under setpriv (is it installed, and is this root?)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("transparent-sockets:"))
+        .expect("a transparent-sockets line");
+    assert!(line.starts_with("FAIL transparent-sockets: "), "{line}");
+    assert!(line.contains("IPv4: Operation not permitted"), "{line}");
+    assert!(line.contains("--preserve-source=false"), "{line}");
+    let failed: Vec<&str> = stdout.lines().filter(|l| l.starts_with("FAIL")).collect();
+    assert_eq!(
+        failed.len(),
+        2,
+        "capabilities and transparent sockets only: {stdout}"
     );
 }

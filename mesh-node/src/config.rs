@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgAction, Args, Parser, Subcommand, ValueEnum};
 use ipnet::IpNet;
 use thiserror::Error;
 
@@ -164,13 +164,6 @@ pub struct RunArgs {
     #[arg(long, env = "MESH_PROXY_MARK", default_value = "0x2000", value_parser = parse_mark)]
     pub proxy_mark: u32,
 
-    /// Keep the client's address (true|false): the proxy connects from the source pod's IP (HBONE
-    /// and passthrough) and delivers to a pod from the original client's IP, so peers, apps and
-    /// NetworkPolicies see the pod, not the node. Needs transparent sockets (CAP_NET_ADMIN) and
-    /// policy routing; the agent refuses to start without them.
-    #[arg(long, env = "MESH_PRESERVE_SOURCE", default_value_t = true, action = clap::ArgAction::Set)]
-    pub preserve_source: bool,
-
     /// Mark bit(s) put on a pod's replies to the proxy's transparent sockets (--preserve-source)
     /// at the pod's veth, and matched by an unscoped routing rule to deliver them locally
     /// (decimal or 0x-hex). Must not share bits with the other marks.
@@ -229,6 +222,21 @@ pub struct RunArgs {
     /// kernel's default).
     #[arg(long, env = "MESH_TCP_USER_TIMEOUT", default_value = "120s", value_parser = humantime::parse_duration)]
     pub tcp_user_timeout: Duration,
+
+    /// Keep the pod's own address on the proxy's connections (HBONE to other nodes, passthrough,
+    /// delivery to the destination pod from the original client's), so peers, apps and NetworkPolicies see the client pod rather than
+    /// the node. Needs transparent sockets (CAP_NET_ADMIN) and policy routing; the agent refuses
+    /// to start without them. `--preserve-source=false` connects from the node's address.
+    #[arg(
+        long,
+        env = "MESH_PRESERVE_SOURCE",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_value_t = true,
+        default_missing_value = "true",
+        value_name = "BOOL"
+    )]
+    pub preserve_source: bool,
 }
 
 /// A mark: decimal, or hexadecimal with a `0x` prefix.
@@ -646,6 +654,22 @@ mod tests {
             let err = parse(&["--node-ip", "10.0.0.1", "--inbound-plain-port", port]).unwrap_err();
             assert!(err.contains("--inbound-plain-port"), "{port}: {err}");
         }
+    }
+
+    #[test]
+    fn preserve_source_is_on_unless_turned_off() {
+        let on = |args: &[&str]| {
+            let mut all = vec!["--node-ip", "10.0.0.1"];
+            all.extend(args);
+            parse(&all).map(|c| c.preserve_source)
+        };
+        assert_eq!(on(&[]), Ok(true));
+        assert_eq!(on(&["--preserve-source"]), Ok(true));
+        assert_eq!(on(&["--preserve-source=true"]), Ok(true));
+        assert_eq!(on(&["--preserve-source=false"]), Ok(false));
+        assert_eq!(on(&["--preserve-source", "false"]), Ok(false));
+        let err = on(&["--preserve-source=maybe"]).unwrap_err();
+        assert!(err.contains("--preserve-source"), "{err}");
     }
 
     #[test]

@@ -66,6 +66,16 @@ fn configure(args: RunArgs) -> anyhow::Result<Config> {
 }
 
 fn run(cfg: Config, log: LogControl) -> anyhow::Result<()> {
+    if cfg.preserve_source {
+        let node_ips: Vec<IpAddr> = [
+            cfg.datapath.proxy_ipv4.map(IpAddr::V4),
+            cfg.datapath.proxy_ipv6.map(IpAddr::V6),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        ebpf::preflight_source(&node_ips)?;
+    }
     let open_files = raise_open_files_limit();
     info!(open_files, "open-files limit");
     memory::limit_arenas();

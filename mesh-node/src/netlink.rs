@@ -347,6 +347,23 @@ pub fn local_addresses() -> Result<std::collections::HashSet<IpAddr>, NetlinkErr
         .collect())
 }
 
+/// Whether this network namespace has policy routing for the family of `ip` (FIB rules:
+/// `CONFIG_IP_MULTIPLE_TABLES`, `CONFIG_IPV6_MULTIPLE_TABLES`): a dump of that family's rules
+/// fails on a kernel without it.
+pub fn probe_policy_routing(ip: IpAddr) -> Result<(), NetlinkError> {
+    let family = if ip.is_ipv4() { Family::V4 } else { Family::V6 };
+    let mut query = RuleMessage::default();
+    query.header.family = family.af();
+    Netlink::open()?
+        .dump(RouteNetlinkMessage::GetRule(query), || {
+            format!(
+                "listing the {} routing rules",
+                if ip.is_ipv4() { "IPv4" } else { "IPv6" }
+            )
+        })
+        .map(drop)
+}
+
 /// A pod's interface in its own network namespace and the index of its veth peer in the
 /// namespace across the pair (`IFLA_LINK`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

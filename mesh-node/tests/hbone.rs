@@ -1152,3 +1152,128 @@ fn config_cache_reuses_and_rebuilds_on_rotation() {
     assert!(!Arc::ptr_eq(&s1, &cache.server(&web).unwrap()));
     assert!(a.alpn_protocols == vec![b"h2".to_vec()] && !a.enable_sni);
 }
+
+// ---------------------------------------------------------------------------------------------
+// What the source tells the destination: the dialled service and the source's baggage
+
+/// A pod of Deployment `web` (ReplicaSet hash in its name and label), version v1.
+fn web_pod() -> mesh_api::Workload {
+    mesh_api::Workload {
+        uid: "uid-web".into(),
+        name: "web-7d4b9c8f6-x2k9q".into(),
+        namespace: "shop".into(),
+        node: "a".into(),
+        service_account: "web".into(),
+        identity: WEB.parse().unwrap(),
+        ips: vec!["10.1.2.3".parse().unwrap()],
+        enrolled: true,
+        mtls_mode: mesh_api::MtlsMode::Strict,
+        labels: [
+            ("pod-template-hash", "7d4b9c8f6"),
+            ("app", "web"),
+            ("version", "v1"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect(),
+    }
+}
+
+/// What the outbound proxy announces for a connection of `web_pod()` to Service shop/server.
+fn web_to_server() -> hbone::Origin {
+    hbone::Origin {
+        src: "10.1.2.3:40000".parse().unwrap(),
+        service: Some(mesh_api::NamespacedName::new("shop", "server")),
+        baggage: Some(hbone::Baggage::of(&web_pod())),
+    }
+}
+
+impl Client {
+    async fn connect_from(
+        &self,
+        target: SocketAddr,
+        origin: hbone::Origin,
+    ) -> Result<hbone::HboneStream, HboneError> {
+        let (cache, svid, dst_id) = (
+            self.cache.clone(),
+            self.svid.clone(),
+            self.key.dst_identity.clone(),
+        );
+        self.pool
+            .connect(&self.key, move || cache.client(&svid, &dst_id), target, origin)
+            .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dialled_service_and_baggage_go_on_the_wire_as_ztunnel_sends_them() {
+    within(async {
+        let pki = pki();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let config = tls::server_config(&pki.cart, pki.ca.roots(), TD).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let (s, _) = tls::accept(tcp, config, Duration::from_secs(5)).await.unwrap();
+            let mut conn = h2::server::handshake(s).await.unwrap();
+            let (req, mut respond) = conn.accept().await.unwrap().unwrap();
+            let _ = tx.send(req.into_parts().0.headers);
+            let resp = http::Response::builder().status(401).body(()).unwrap();
+            respond.send_response(resp, true).unwrap();
+            while conn.accept().await.is_some() {}
+        });
+        let client = Client::new(pki.web.clone(), pki.ca.roots(), CART, addr);
+        let target: SocketAddr = "127.0.0.1:8080".parse().unwrap();
+        client.connect_from(target, web_to_server()).await.unwrap_err();
+        let headers = rx.await.unwrap();
+        assert_eq!(
+            headers.get("forwarded").unwrap(),
+            "for=\"10.1.2.3:40000\";host=server.shop.svc.cluster.local"
+        );
+        assert_eq!(
+            headers.get_all("baggage").iter().collect::<Vec<_>>(),
+            ["k8s.namespace.name=shop,k8s.deployment.name=web,service.name=web,service.version=v1"]
+        );
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_reads_the_dialled_service_and_baggage_and_ignores_garbage() {
+    within(async {
+        let pki = pki();
+        let upstream = echo_upstream().await;
+        let server = TestServer::start(&pki.cart, pki.ca.roots(), TestHandler::default()).await;
+        let client = Client::new(pki.web.clone(), pki.ca.roots(), CART, server.addr);
+        let stream = client.connect_from(upstream, web_to_server()).await.unwrap();
+        echo_through(stream, pattern(1000, 1)).await;
+        let seen = server.handler.seen.lock().unwrap()[0].clone();
+        assert_eq!(
+            seen.service,
+            Some(mesh_api::NamespacedName::new("shop", "server"))
+        );
+        assert_eq!(seen.baggage, hbone::Baggage::of(&web_pod()));
+        assert_eq!(seen.forwarded_for, Some("10.1.2.3:40000".parse().unwrap()));
+
+        // Oversized baggage and a host that is no service hostname: the stream is served, the
+        // claims are dropped.
+        let send = raw_h2(&pki.web, pki.ca.roots(), server.addr, CART).await;
+        let req = http::Request::builder()
+            .method("CONNECT")
+            .uri(upstream.to_string())
+            .header("forwarded", "for=\"10.1.2.3:40001\";host=evil.example.com")
+            .header("baggage", format!("service.name={}", "x,".repeat(2000)))
+            .body(())
+            .unwrap();
+        let mut ready = send.clone().ready().await.unwrap();
+        let (resp, _tx) = ready.send_request(req, false).unwrap();
+        assert_eq!(resp.await.unwrap().status(), 200);
+        let seen = server.handler.seen.lock().unwrap()[1].clone();
+        assert_eq!(seen.service, None);
+        assert_eq!(seen.baggage, hbone::Baggage::default());
+        assert_eq!(seen.forwarded_for, Some("10.1.2.3:40001".parse().unwrap()));
+        drop(send);
+    })
+    .await
+}

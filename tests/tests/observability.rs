@@ -131,12 +131,12 @@ fn connection_metrics_and_access_logs_count_exactly_the_traffic() -> Result<()> 
     ]
     .map(|(k, v)| (k, v.to_owned()));
     let source: Vec<(&str, &str)> = source.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    // The destination's proxy knows the client by its certificate and address, not the VIP.
+    // The destination's proxy knows the client by its certificate and address, and the service
+    // by the source's word (forwarded's host=), which its own state confirms.
     let destination: Vec<(&str, &str)> = source
         .iter()
         .map(|&(k, v)| match k {
             "reporter" => (k, "destination"),
-            "destination_service" => (k, "unknown"),
             _ => (k, v),
         })
         .collect();

@@ -33,6 +33,7 @@ mod inspect;
 mod maps;
 mod pins;
 mod preflight;
+mod preflight_source;
 mod sys;
 
 use std::{
@@ -50,6 +51,7 @@ pub use error::EbpfError;
 pub use inspect::{MapFill, ProgramLink};
 pub use mesh_common::{ProxyConfig, TcConfig, COUNTER_NAMES, DESTINATIONS_MAX_ENTRIES};
 pub use preflight::preflight;
+pub use preflight_source::{preflight_source, MissingFeature};
 
 use pins::{PinnedSet, Prog, WantedLink};
 

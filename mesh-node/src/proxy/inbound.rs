@@ -14,6 +14,7 @@ use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, info_span, Instrument};
 
+use super::claims::{destination_service, source_from_baggage};
 use super::hbone::{self, Deny, Handler, Request, ServerSettings};
 use super::mesh::Mesh;
 use super::upstream::connect_marked;
@@ -85,16 +86,26 @@ struct Inbound {
 impl Inbound {
     /// The record of a tunnelled connection: the source as the TCP peer and its certificate
     /// name it (the peer's `forwarded` address, its own claim, only picks which workload of
-    /// that identity, and is recorded apart), the destination the local pod.
+    /// that identity, and is recorded apart; its baggage names a source this node does not
+    /// know), the destination the local pod, and the service the source dialled when this
+    /// node's state confirms that the pod serves it.
     fn meta(&self, req: &Request) -> ConnMeta {
         let state = self.mesh.config.state();
         let source = req
             .forwarded_for
             .and_then(|a| state.workload_by_ip(a.ip()))
             .filter(|w| w.identity.to_string() == req.source_identity)
-            .map_or_else(|| Peer::principal_only(&req.source_identity), Peer::of);
-        let destination =
-            Mesh::local_workload(&state, req.dst.ip()).map_or_else(Peer::unknown, |w| Peer::of(&w));
+            .map(Peer::of)
+            .or_else(|| {
+                let identity = Identity::from_str(&req.source_identity).ok()?;
+                source_from_baggage(&identity, &req.baggage)
+            })
+            .unwrap_or_else(|| Peer::principal_only(&req.source_identity));
+        let pod = Mesh::local_workload(&state, req.dst.ip());
+        let service = pod
+            .as_ref()
+            .and_then(|w| destination_service(&state, req.service.as_ref(), w, req.dst.port()));
+        let destination = pod.as_ref().map_or_else(Peer::unknown, Peer::of);
         ConnMeta {
             direction: Direction::Inbound,
             route: "hbone",
@@ -103,7 +114,7 @@ impl Inbound {
             dst_addr: req.dst,
             source,
             destination,
-            service: None,
+            service: service.map(|s| s.to_string()),
             reporters: &[Reporter::Destination],
         }
     }

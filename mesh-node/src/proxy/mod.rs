@@ -3,6 +3,7 @@
 //! plaintext from outside the mesh to PERMISSIVE ones by policy; all read `mesh` and move
 //! bytes with `copy`.
 mod carry;
+mod claims;
 mod copy;
 pub mod hbone;
 pub mod inbound;

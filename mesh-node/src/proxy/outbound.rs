@@ -8,12 +8,12 @@ use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
-use mesh_api::{Identity, Workload};
+use mesh_api::{Identity, NamespacedName, Workload};
 use tokio::net::TcpStream;
 use tracing::{debug, info, info_span, Instrument};
 
 use super::carry::{carry, fail, reset};
-use super::hbone::{HboneError, PoolKey, HBONE_PORT};
+use super::hbone::{Baggage, HboneError, Origin, PoolKey, HBONE_PORT};
 use super::mesh::Mesh;
 use super::orig_dst::original_dst;
 use super::route::{self, Route};
@@ -100,7 +100,7 @@ pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: 
                 service,
             } => {
                 meta.dst_addr = target;
-                meta.service = service.map(|s| s.to_string());
+                meta.service = service.as_ref().map(ToString::to_string);
                 meta.destination = state
                     .workload(&workload_uid)
                     .map_or_else(|| Peer::principal_only(&identity.to_string()), Peer::of);
@@ -113,7 +113,7 @@ pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: 
                         Err(fail(&mesh, &client, &meta, ResponseFlags::HboneFailed, error))
                     }
                     Some(src) if local => to_local(&mesh, &state, client, &src, meta, &workload_uid).await,
-                    Some(src) => via_hbone(&mesh, client, &src.identity, meta, identity).await,
+                    Some(src) => via_hbone(&mesh, client, &src, service, meta, identity).await,
                 }
             }
         };
@@ -157,14 +157,23 @@ async fn to_local(
     }
 }
 
+/// Over HBONE with the source pod's identity, telling the destination what ztunnel would: the
+/// original source, the service dialled, and the source workload's baggage.
 async fn via_hbone(
     mesh: &Mesh,
     client: TcpStream,
-    src: &Identity,
+    src_workload: &Workload,
+    service: Option<NamespacedName>,
     meta: ConnMeta,
     dst_identity: Identity,
 ) -> io::Result<(u64, u64)> {
+    let src = &src_workload.identity;
     let dst_identity = dst_identity.to_string();
+    let origin = Origin {
+        src: meta.src_addr,
+        service,
+        baggage: Some(Baggage::of(src_workload)),
+    };
     let key = PoolKey {
         src_identity: src.to_string(),
         dst_identity: dst_identity.clone(),
@@ -177,7 +186,7 @@ async fn via_hbone(
             &key,
             || dial_config(mesh, src, &dst_identity),
             meta.dst_addr,
-            meta.src_addr,
+            origin,
         )
         .await;
     match stream {

@@ -25,13 +25,15 @@ use http_body_util::Empty;
 use hyper::client::conn::http2::{Connection, SendRequest};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_api::NamespacedName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{debug, trace};
 
-use super::wire::{forwarded_for_value, FORWARDED};
+use super::baggage::{Baggage, BAGGAGE};
+use super::wire::{forwarded_value, FORWARDED};
 use super::{H2Settings, HboneError};
 use crate::tls::{self, TlsError};
 
@@ -47,6 +49,26 @@ pub struct PoolKey {
     pub src: Option<IpAddr>,
     /// Where to dial: `<destination pod ip>:15008`.
     pub dst: SocketAddr,
+}
+
+/// What a `CONNECT` tells the destination about the connection besides its target: the
+/// original source (`forwarded: for=`), the service it dialled (`forwarded: ...;host=`) and the
+/// source workload (`baggage`), as ztunnel sends them.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Origin {
+    pub src: SocketAddr,
+    pub service: Option<NamespacedName>,
+    pub baggage: Option<Baggage>,
+}
+
+impl From<SocketAddr> for Origin {
+    fn from(src: SocketAddr) -> Origin {
+        Origin {
+            src,
+            service: None,
+            baggage: None,
+        }
+    }
 }
 
 /// Limits of the pool.
@@ -340,7 +362,7 @@ impl Pool {
     }
 
     /// Opens an HBONE stream to `target` (the `:authority`, the destination's `ip:port`) over a
-    /// pooled connection for `key`, announcing `forwarded_for` as the original source. `tls` is
+    /// pooled connection for `key`, announcing `origin` (at least the original source). `tls` is
     /// called only if a connection has to be dialled; it returns the client config of
     /// (`key.src_identity` → `key.dst_identity`), typically from
     /// [`ConfigCache::client`](crate::tls::ConfigCache::client). Any answer but 200 is an error
@@ -350,11 +372,12 @@ impl Pool {
         key: &PoolKey,
         tls: F,
         target: SocketAddr,
-        forwarded_for: SocketAddr,
+        origin: impl Into<Origin>,
     ) -> Result<HboneStream, HboneError>
     where
         F: FnOnce() -> Result<Arc<tls::ClientConfig>, TlsError>,
     {
+        let origin = origin.into();
         let mut tls = TlsSource {
             make: Some(tls),
             config: None,
@@ -362,7 +385,7 @@ impl Pool {
         let mut retried = false;
         loop {
             let slot = self.checkout(key, &mut tls).await?;
-            match self.open_stream(&slot.conn, target, forwarded_for).await {
+            match self.open_stream(&slot.conn, target, &origin).await {
                 Ok(upgraded) => {
                     return Ok(HboneStream {
                         io: TokioIo::new(upgraded),
@@ -495,12 +518,21 @@ impl Pool {
         &self,
         conn: &Arc<Conn>,
         target: SocketAddr,
-        forwarded_for: SocketAddr,
+        origin: &Origin,
     ) -> Result<Upgraded, HboneError> {
-        let req = http::Request::builder()
+        let mut req = http::Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .header(FORWARDED, forwarded_for_value(forwarded_for))
+            .header(FORWARDED, forwarded_value(origin.src, origin.service.as_ref()));
+        if let Some(baggage) = origin
+            .baggage
+            .as_ref()
+            .map(Baggage::to_string)
+            .filter(|b| !b.is_empty())
+        {
+            req = req.header(BAGGAGE, baggage);
+        }
+        let req = req
             .body(Empty::<Bytes>::new())
             .map_err(|e| HboneError::Io(Arc::new(io::Error::new(io::ErrorKind::InvalidInput, e))))?;
         let mut send = conn.send.clone();

@@ -8,9 +8,11 @@
 //!   the upstream connect are the [`Handler`]'s.
 //!
 //! Wire: `:method CONNECT`, `:authority <dst ip:port>`, `forwarded: for="<src ip:port>"`
-//! (optional; `baggage`/`traceparent` are ignored). Answers 200, 400 (not CONNECT, or an
-//! authority that is not an address or not the address dialled), 403 (policy), 503 (upstream
-//! refused or unreachable).
+//! with `;host=<service hostname>` when the source dialled a service, and `baggage` naming the
+//! source workload (all optional, ztunnel's forms; `traceparent` is ignored). Answers 200, 400
+//! (not CONNECT, or an authority that is not an address or not the address dialled), 403
+//! (policy), 503 (upstream refused or unreachable).
+pub mod baggage;
 pub mod client;
 pub mod server;
 pub mod wire;
@@ -23,7 +25,8 @@ use http::StatusCode;
 
 use crate::tls::TlsError;
 
-pub use client::{Dialer, HboneStream, Pool, PoolConfig, PoolKey, PoolStats};
+pub use baggage::Baggage;
+pub use client::{Dialer, HboneStream, Origin, Pool, PoolConfig, PoolKey, PoolStats};
 pub use server::{serve_connection, serve_tls, serve_tls_holding, Deny, Handler, Request, ServerSettings};
 
 /// The HBONE port on every enrolled pod address.

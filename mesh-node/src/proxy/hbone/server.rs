@@ -15,12 +15,16 @@ use http_body_util::Empty;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_api::NamespacedName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, trace};
 
-use super::wire::{parse_authority, parse_forwarded_for, same_ip, FORWARDED};
+use super::baggage::{Baggage, BAGGAGE};
+use super::wire::{
+    parse_authority, parse_forwarded_for, parse_forwarded_host, parse_service_hostname, same_ip, FORWARDED,
+};
 use super::{H2Settings, HboneError};
 use crate::proxy::copy;
 use crate::tls;
@@ -36,6 +40,12 @@ pub struct Request {
     pub dst: SocketAddr,
     /// The local address of the accepted HBONE connection (the destination pod's IP on 15008).
     pub local_addr: SocketAddr,
+    /// The service the source says it dialled (`forwarded: ...;host=`): its claim, to be
+    /// checked against the node's state before it names anything.
+    pub service: Option<NamespacedName>,
+    /// The source workload as the peer describes it (`baggage`); empty when it sent none or
+    /// garbage. The peer's word: for metrics, never for policy.
+    pub baggage: Baggage,
 }
 
 /// A policy denial: the stream is answered 403.
@@ -242,16 +252,21 @@ impl<H: Handler> Ctx<H> {
             self.handler.bad_request("authority_mismatch");
             return answer(StatusCode::BAD_REQUEST);
         }
-        let forwarded_for = req
-            .headers()
-            .get(FORWARDED)
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_forwarded_for);
+        let forwarded = req.headers().get(FORWARDED).and_then(|v| v.to_str().ok());
+        let baggage = Baggage::parse(req.headers().get_all(BAGGAGE).iter().map(|v| v.as_bytes()))
+            .unwrap_or_else(|e| {
+                debug!(src = %self.peer_identity, error = %e, "HBONE: ignoring the baggage");
+                Baggage::default()
+            });
         let request = Request {
             source_identity: self.peer_identity.clone(),
-            forwarded_for,
+            forwarded_for: forwarded.and_then(parse_forwarded_for),
             dst,
             local_addr: self.local_addr,
+            service: forwarded
+                .and_then(parse_forwarded_host)
+                .and_then(parse_service_hostname),
+            baggage,
         };
         if let Err(deny) = self.handler.authorize(&request) {
             debug!(src = %request.source_identity, %dst, policy = %deny.policy, "HBONE: denied");
