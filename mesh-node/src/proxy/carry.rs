@@ -26,6 +26,29 @@ where
     copy::bidirectional(&mut client, &mut upstream, mesh.carried.idle_timeout).await
 }
 
+/// Connects to `dst` as the client (from its own address with `--preserve-source`) and carries
+/// the connection there as plain TCP; a failed connect resets the client.
+pub async fn carry_to(
+    mesh: &Mesh,
+    client: TcpStream,
+    meta: ConnMeta,
+    dst: std::net::SocketAddr,
+) -> io::Result<(u64, u64)> {
+    match mesh.connect(dst, meta.src_addr.ip()).await {
+        Ok(upstream) => {
+            let _ = client.set_nodelay(true);
+            carry(mesh, client, meta, upstream).await
+        }
+        Err(e) => Err(fail(
+            mesh,
+            &client,
+            &meta,
+            ResponseFlags::ConnectFailed,
+            e.to_string(),
+        )),
+    }
+}
+
 /// Records a connection that could not be carried and resets the client: it already holds an
 /// established connection to us, and a reset is the closest we can come to the refusal it
 /// would have seen without the mesh.

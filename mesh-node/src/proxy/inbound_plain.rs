@@ -96,13 +96,5 @@ async fn authorize_and_carry(
         ));
     }
     // From the client's own address: the pod sees who called, as it would without the mesh.
-    let upstream = match mesh.connect(dst, meta.src_addr.ip()).await {
-        Ok(s) => s,
-        Err(e) => {
-            let error = e.to_string();
-            return Err(fail(mesh, &client, &meta, ResponseFlags::ConnectFailed, error));
-        }
-    };
-    let _ = client.set_nodelay(true);
-    carry::carry(mesh, client, meta, upstream).await
+    carry::carry_to(mesh, client, meta, dst).await
 }

@@ -12,7 +12,7 @@ use mesh_api::{Identity, NamespacedName, Workload};
 use tokio::net::TcpStream;
 use tracing::{debug, info, info_span, Instrument};
 
-use super::carry::{carry, fail, reset};
+use super::carry::{carry, carry_to, fail, reset};
 use super::hbone::{Baggage, HboneError, Origin, PoolKey, HBONE_PORT};
 use super::mesh::Mesh;
 use super::orig_dst::original_dst;
@@ -85,7 +85,9 @@ pub async fn handle(cfg: Arc<Config>, mesh: Arc<Mesh>, client: TcpStream, peer: 
         let result = match route {
             Route::Passthrough { dst, service, .. } => {
                 meta.service = service.map(|s| s.to_string());
-                passthrough(&mesh, client, meta, dst).await
+                // From the pod's own address, so its egress controls apply as they would without
+                // the mesh; keepalive finds out when such a destination vanishes without a word.
+                carry_to(&mesh, client, meta, dst).await
             }
             Route::NoEndpoint { service } => {
                 meta.service = Some(service.to_string());
@@ -145,16 +147,7 @@ async fn to_local(
         let error = format!("denied by policy {policy}");
         return Err(fail(mesh, &client, &meta, ResponseFlags::Denied, error));
     }
-    match mesh.connect(target, meta.src_addr.ip()).await {
-        Ok(upstream) => carry(mesh, client, meta, upstream).await,
-        Err(e) => Err(fail(
-            mesh,
-            &client,
-            &meta,
-            ResponseFlags::ConnectFailed,
-            e.to_string(),
-        )),
-    }
+    carry_to(mesh, client, meta, target).await
 }
 
 /// Over HBONE with the source pod's identity, telling the destination what ztunnel would: the
@@ -211,26 +204,6 @@ fn dial_config(mesh: &Mesh, src: &Identity, dst_identity: &str) -> Result<Arc<tl
         .svid(src)
         .ok_or_else(|| TlsError::InvalidMaterial(format!("no certificate for {src} yet")))?;
     mesh.tls.client(&svid, dst_identity)
-}
-
-async fn passthrough(
-    mesh: &Mesh,
-    client: TcpStream,
-    meta: ConnMeta,
-    dst: SocketAddr,
-) -> io::Result<(u64, u64)> {
-    // From the pod's own address, so its egress controls apply as they would without the mesh;
-    // keepalive finds out when a destination outside the mesh vanishes without a word.
-    match mesh.connect(dst, meta.src_addr.ip()).await {
-        Ok(upstream) => carry(mesh, client, meta, upstream).await,
-        Err(e) => Err(fail(
-            mesh,
-            &client,
-            &meta,
-            ResponseFlags::ConnectFailed,
-            e.to_string(),
-        )),
-    }
 }
 
 /// The ports of this proxy's own listeners, as configured.
