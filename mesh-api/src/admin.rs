@@ -64,6 +64,10 @@ pub struct WorkloadInfo {
     pub captured: bool,
     /// Why an enrolled pod is not (fully) captured, if it is not.
     pub problem: Option<String>,
+    /// Whether its host-side veth was found and its veth programs are attached: only then does
+    /// the proxy deliver to it from a client's own address (`--preserve-source`).
+    #[serde(default)]
+    pub veth_ready: bool,
 }
 
 /// `GET /v1/services`.

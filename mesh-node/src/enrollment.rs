@@ -83,6 +83,8 @@ pub struct Report {
     pub problems: BTreeMap<String, String>,
     /// Enrolled pods whose host-side interface was not found → why. Their last attachment stays.
     pub strict_unresolved: BTreeMap<String, String>,
+    /// Enrolled pods' addresses whose veth programs are attached (`strict::Enforced::ready`).
+    pub veths_ready: BTreeSet<IpAddr>,
     /// Mesh destinations that did not fit in the kernel map (not captured).
     pub destinations_left_out: usize,
     /// Rounds done since the agent started (this one included).
@@ -248,7 +250,7 @@ fn reconcile(
         .into_iter()
         .map(|w| (format!("{}/{}", w.namespace, w.name), w.cgroup))
         .collect();
-    let strict_unresolved = strict::enforce(datapath, state, &cgroup_dirs, memory, &mut problems);
+    let enforced = strict::enforce(datapath, state, &cgroup_dirs, memory, &mut problems);
     if let Err(e) = netlink::ensure_capture_routing(&kernel.routing) {
         problems.insert("capture routing".into(), e.to_string());
     }
@@ -256,7 +258,8 @@ fn reconcile(
         cgroups: cgroup_dirs,
         captured,
         problems,
-        strict_unresolved,
+        strict_unresolved: enforced.unresolved,
+        veths_ready: enforced.ready,
         destinations_left_out,
         ..Report::default()
     }

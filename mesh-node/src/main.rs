@@ -188,7 +188,7 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
         http_server("admin_socket", admin.router(admin::Access::ReadWrite))
             .serve_unix(admin_socket, stop.clone()),
     ));
-    metrics::observe_node(&metrics, reader, certs.clone(), report);
+    metrics::observe_node(&metrics, reader, certs.clone(), report.clone());
     let node_ips: Vec<IpAddr> = [
         cfg.datapath.proxy_ipv4.map(IpAddr::from),
         cfg.datapath.proxy_ipv6.map(IpAddr::from),
@@ -269,7 +269,8 @@ async fn serve(cfg: Arc<Config>, log: LogControl) -> anyhow::Result<()> {
             connections,
         )
         .with_carried(cfg.limits.carried)
-        .with_preserve_source(cfg.preserve_source),
+        .with_preserve_source(cfg.preserve_source)
+        .with_kernel_report(report.clone()),
     );
     tasks.push(tokio::spawn(mesh.clone().maintain(stop.clone())));
     let (out_cfg, out_mesh) = (cfg.clone(), mesh.clone());

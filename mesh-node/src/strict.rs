@@ -8,6 +8,7 @@
 //! restart) — and is reported (a warning, the round's report, and
 //! `mesh_strict_unresolved_pods`). A link goes only where its pod is known not to be.
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::PathBuf;
 
 use tracing::{info, warn};
@@ -16,21 +17,33 @@ use crate::control::NodeState;
 use crate::ebpf::{Datapath, Keep};
 use crate::pod_veth;
 
+/// What a round of pod-veth enforcement achieved.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Enforced {
+    /// Enrolled pods whose veth was not found → why.
+    pub unresolved: BTreeMap<String, String>,
+    /// The addresses of the enrolled pods whose veth programs are attached where they were
+    /// found this round: only to these does the proxy connect from a client's address, since
+    /// only their replies find their way back to it.
+    pub ready: BTreeSet<IpAddr>,
+}
+
 /// Finds the enrolled pods' host-side veths from their own network namespaces and attaches the
-/// pod-veth program to them, keeping the last attachment of any pod not found. Returns the
-/// enrolled pods not found, → why. Run after `Datapath::set_inbound`, which writes the pods'
-/// modes the program reads.
+/// pod-veth programs to them, keeping the last attachment of any pod not found. Run after
+/// `Datapath::set_inbound`, which writes the pods' modes the program reads.
 pub fn enforce(
     datapath: &mut Datapath,
     state: &NodeState,
     cgroup_dirs: &BTreeMap<String, PathBuf>,
     memory: &mut StrictMemory,
     problems: &mut BTreeMap<String, String>,
-) -> BTreeMap<String, String> {
+) -> Enforced {
     let mut outcomes = BTreeMap::new();
     let mut lookups = BTreeMap::new();
+    let mut ips: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
     for w in state.enrolled_local() {
         let key = format!("{}/{}", w.namespace, w.name);
+        ips.insert(key.clone(), w.ips.iter().map(|ip| ip.to_canonical()).collect());
         match (cgroup_dirs.get(&key), w.ips.first()) {
             (Some(cgroup), Some(ip)) => {
                 lookups.insert(
@@ -71,10 +84,16 @@ pub fn enforce(
         problems.insert(key.clone(), format!("pod veth not found: {reason}"));
     }
     memory.reported = plan.unresolved.clone();
+    let mut ready = BTreeSet::new();
     match datapath.set_strict(&plan.attach, &plan.keep) {
         Ok(diff) => {
             if !diff.attached.is_empty() || !diff.detached.is_empty() {
                 info!(strict = ?diff.attached, detached = ?diff.detached, kept = ?diff.kept, "pod-veth enforcement updated");
+            }
+            for (key, outcome) in &outcomes {
+                if matches!(outcome, Lookup::Found(ifindex) if !diff.unresolved.contains_key(ifindex)) {
+                    ready.extend(ips.get(key).into_iter().flatten().copied());
+                }
             }
             for (ifindex, reason) in diff.unresolved {
                 problems.insert(format!("STRICT if{ifindex}"), reason);
@@ -84,7 +103,10 @@ pub fn enforce(
             problems.insert("STRICT".into(), e.to_string());
         }
     }
-    plan.unresolved
+    Enforced {
+        unresolved: plan.unresolved,
+        ready,
+    }
 }
 
 /// Where an enrolled pod's host-side veth was looked for, and what came of it.

@@ -254,6 +254,29 @@ impl Agent {
         )
     }
 
+    /// Waits until the veth programs of `pods` (pods of this node, each with a process in its
+    /// cgroup for the agent to find its veth by) are attached: from then on the proxy delivers
+    /// to them from the client's own address.
+    pub fn wait_veth_ready(&self, cluster: &Cluster, pods: &[&Pod]) -> Result<()> {
+        let names: Vec<&str> = pods.iter().map(|p| p.name.as_str()).collect();
+        wait_until(WAIT, &format!("the veth programs of {names:?}"), || {
+            let workloads = self
+                .admin_get(cluster, "/v1/workloads")
+                .map_err(|e| format!("{e:#}"))?;
+            let waiting: Vec<&Value> = workloads
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|w| names.iter().any(|n| w["name"] == *n) && w["veth_ready"] != true)
+                .collect();
+            if waiting.is_empty() {
+                Ok(())
+            } else {
+                Err(format!("not yet: {waiting:?}"))
+            }
+        })
+    }
+
     /// Every sample of metric `name` on the agent's :15020/metrics, with its labels.
     pub fn samples(&self, cluster: &Cluster, name: &str) -> Result<Vec<Sample>> {
         let out = cluster

@@ -226,6 +226,7 @@ fn the_data_plane_outlives_the_controller_and_resyncs_without_duplicates() -> Re
     let mut w = world("cp-outage", &[], true)?;
     let root = std::fs::read(w.controller.root_ca())?;
     let server = echo_server(&w.cluster, &w.cart, &[8080])?;
+    w.agents[1].wait_veth_ready(&w.cluster, &[&w.cart])?;
     let agent = &w.agents[0];
     agent.wait_enrolled(&[&w.web, &w.api])?;
     wait_identities(&w.cluster, agent, &root, &[&w.web, &w.api])?;

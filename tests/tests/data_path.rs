@@ -103,6 +103,7 @@ fn cross_node_traffic_through_a_service_is_mtls_on_the_wire_and_byte_exact() -> 
     let w = world("dp-wire")?;
     let server = echo_server(&w.cluster, &w.server, &[8080])?;
     w.wait_path(vip())?;
+    w.agents[1].wait_veth_ready(&w.cluster, &[&w.server])?;
 
     let sniffer = Sniffer::start(&w.cluster, &w.a)?;
     // 100 MB with half-close, byte for byte, through the Service VIP.

@@ -209,6 +209,7 @@ fn plaintext_to_a_permissive_pod_goes_through_the_proxy_and_its_policy() -> Resu
     let w = world("permissive-policy", false, true)?;
     let server = echo_server(&w.cluster, &w.server, &[8080, 9090])?;
     wait_mesh_path(&w.cluster, &w.agents, &w.frontend, w.server(8080, false))?;
+    w.agents[0].wait_veth_ready(&w.cluster, &[&w.server])?;
 
     // Without a policy plaintext gets in, but through node a's proxy, which counts and logs
     // each connection (below) and delivers it from the caller's own address.
@@ -326,6 +327,7 @@ fn the_proxy_inside_the_pods_cgroup_root_is_not_steered_back_to_itself() -> Resu
     let w = world("permissive-inside", true, true)?;
     ensure!(w.inside.is_some(), "node a's agent runs inside the pods' root");
     let server = echo_server(&w.cluster, &w.server, &[8080])?;
+    w.agents[0].wait_veth_ready(&w.cluster, &[&w.server])?;
     // The proxy's own connects to the PERMISSIVE pod (from HBONE, and from the plaintext
     // listener) come from a cgroup the connect programs see, and must reach the pod.
     wait_mesh_path(&w.cluster, &w.agents, &w.frontend, w.server(8080, false))?;

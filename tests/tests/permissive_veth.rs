@@ -401,6 +401,7 @@ fn an_enrolled_pods_excluded_port_to_a_permissive_pod_goes_through_the_plaintext
     let client = w.cluster.add_pod("a", "client")?;
     w.shop_with(true, true, &[&client])?;
     w.agent.wait_enrolled(&[&w.server, &client])?;
+    w.agent.wait_veth_ready(&w.cluster, &[&w.server])?;
     let dst = SocketAddr::new(w.server.ipv4.into(), EXCLUDED);
     let redirected_before = w.event("plain_redirected")?;
     wait_until(

@@ -7,27 +7,31 @@
 use std::collections::BTreeSet;
 use std::net::{IpAddr, SocketAddr};
 use std::process::Command;
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 
 use mesh_harness::agent::Agent;
-use mesh_harness::app::{accept_peer, client, client_cmd, echo_server, wait_mesh_path};
+use mesh_harness::app::{accept_peer, client, client_cmd, echo_server, testapp, wait_mesh_path};
 use mesh_harness::controller::{namespace_yaml, pod_yaml, service_yaml, Controller};
 use mesh_harness::wire::Sniffer;
-use mesh_harness::{Cluster, Node, Pod, Proc};
+use mesh_harness::{wait_until, Cluster, Node, Pod, Proc};
 
 const VIP: &str = "10.96.0.30";
 const PORT: u16 = 8080;
+const WAIT: Duration = Duration::from_secs(20);
 
-/// Two nodes; STRICT `shop` (enrolled) has `client` and `local` on a, `server` on b, and a
-/// Service `server` (VIP:80 → 8080); `outsider` on a is outside the mesh.
+/// Two nodes; STRICT `shop` (enrolled) has `client` and `local` on a, `server` and `ghost` on
+/// b, and a Service `server` (VIP:80 → 8080); `outsider` on a is outside the mesh.
 struct World {
     cluster: Cluster,
     _controller: Controller,
     a: Node,
+    b: Node,
     client: Pod,
     local: Pod,
     server: Pod,
+    ghost: Pod,
     outsider: Pod,
     agents: Vec<Agent>,
 }
@@ -35,17 +39,18 @@ struct World {
 fn world(name: &str, agent_args: &[&str]) -> Result<World> {
     let cluster = Cluster::new(name)?;
     let a = cluster.add_node("a")?;
-    cluster.add_node("b")?;
+    let b = cluster.add_node("b")?;
     let client = cluster.add_pod("a", "client")?;
     let local = cluster.add_pod("a", "local")?;
     let server = cluster.add_pod("b", "server")?;
+    let ghost = cluster.add_pod("b", "ghost")?;
     let outsider = cluster.add_pod("a", "outsider")?;
     let controller = Controller::start(&cluster, &[])?;
     let mut yaml = namespace_yaml(
         "shop",
         &[("mesh.dev/enroll", "true"), ("mesh.dev/mtls", "strict")],
     );
-    for pod in [&client, &local, &server] {
+    for pod in [&client, &local, &server, &ghost] {
         yaml.push_str("---\n");
         yaml.push_str(&pod_yaml(pod, "shop", &pod.name, &[("app", &pod.name)]));
     }
@@ -66,9 +71,11 @@ fn world(name: &str, agent_args: &[&str]) -> Result<World> {
         cluster,
         _controller: controller,
         a,
+        b,
         client,
         local,
         server,
+        ghost,
         outsider,
         agents,
     })
@@ -112,6 +119,7 @@ fn peers(server: &Proc) -> Result<Vec<IpAddr>> {
 fn across_nodes_the_server_its_firewall_and_the_wire_see_the_client_pod() -> Result<()> {
     let w = world("src-cross", &[])?;
     let server = w.guarded_server(&w.server)?;
+    w.agents[1].wait_veth_ready(&w.cluster, &[&w.server])?;
     let targets = [
         sock(VIP.parse::<IpAddr>()?, 80),
         sock(w.server.ipv4, PORT),
@@ -156,6 +164,7 @@ fn across_nodes_the_server_its_firewall_and_the_wire_see_the_client_pod() -> Res
 fn on_one_node_the_server_and_its_firewall_see_the_client_pod() -> Result<()> {
     let w = world("src-local", &[])?;
     let server = w.guarded_server(&w.local)?;
+    w.agents[0].wait_veth_ready(&w.cluster, &[&w.local])?;
     let targets = [sock(w.local.ipv4, PORT), sock(w.local.ipv6, PORT)];
     for dst in targets {
         w.path(dst)?;
@@ -177,6 +186,7 @@ fn on_one_node_the_server_and_its_firewall_see_the_client_pod() -> Result<()> {
 fn strict_admits_the_proxy_from_the_client_address_and_refuses_plaintext_around_it() -> Result<()> {
     let w = world("src-strict", &[])?;
     let _server = echo_server(&w.cluster, &w.local, &[PORT])?;
+    w.agents[0].wait_veth_ready(&w.cluster, &[&w.local])?;
     let dst = sock(w.local.ipv4, PORT);
     w.path(dst)?;
     // The outsider is on the same node and not in the mesh: its connect is not steered
@@ -209,6 +219,34 @@ fn with_preserve_source_off_the_node_address_shows_and_the_firewall_refuses() ->
     ensure!(
         sources == BTreeSet::from([IpAddr::from(w.a.ipv4)]),
         "HBONE left node a from its own address: {sources:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_pod_whose_veth_is_not_found_is_reached_from_the_node_address() -> Result<()> {
+    let w = world("src-ghost", &[])?;
+    // The server runs in the pod's netns but not in its cgroup, so the agent cannot enter the
+    // pod to find its veth: no reply program there. Its replies to the client's own address
+    // would go to the client, so the proxy connects from the node's address instead.
+    let mut cmd = testapp()?;
+    cmd.args(["echo-server", "--listen", &format!("0.0.0.0:{PORT}")]);
+    let server = w.cluster.spawn_in_net(&w.ghost.netns, cmd)?;
+    server.wait_for_line(WAIT, |l| l.contains(r#""event":"listening""#))?;
+    wait_until(WAIT, "node b to report the pod it cannot find", || {
+        let n = w.agents[1]
+            .metric(&w.cluster, "mesh_strict_unresolved_pods")
+            .map_err(|e| format!("{e:#}"))?;
+        (n >= 1.0).then_some(()).ok_or(format!("{n} unresolved"))
+    })?;
+    let dst = sock(w.ghost.ipv4, PORT);
+    wait_until(WAIT, &format!("an exchange with {dst}"), || {
+        client(&w.cluster, &w.client, dst, 1024).map_err(|e| format!("{e:#}"))
+    })?;
+    let peer = accept_peer(&server, 1)?.ip();
+    ensure!(
+        peer == IpAddr::from(w.b.bridge_ipv4),
+        "delivered from node b's own address: {peer}"
     );
     Ok(())
 }

@@ -27,6 +27,10 @@ pub fn workloads(state: &NodeState, kernel: &Report) -> Vec<WorkloadInfo> {
                 cgroup: kernel.cgroups.get(&key).map(|p| p.display().to_string()),
                 captured: kernel.captured.contains(&key),
                 problem: w.enrolled.then(|| kernel.problems.get(&key).cloned()).flatten(),
+                veth_ready: w
+                    .ips
+                    .iter()
+                    .any(|ip| kernel.veths_ready.contains(&ip.to_canonical())),
             }
         })
         .collect()

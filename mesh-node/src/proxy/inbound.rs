@@ -157,7 +157,7 @@ impl Handler for Inbound {
         // From the HBONE connection's own peer: the client pod's address when its node keeps
         // it, verified by the TCP handshake (unlike the Forwarded header, which it may set).
         let (src, mark, keepalive) = (
-            self.mesh.source(self.peer.ip()),
+            self.mesh.source_to(self.peer.ip(), dst.ip()),
             self.mesh.proxy_mark,
             self.mesh.carried.keepalive,
         );

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use mesh_api::{Identity, Workload};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -17,6 +18,7 @@ use super::local_addrs::LocalAddrs;
 use super::upstream::connect_marked;
 use crate::connections::Connections;
 use crate::control::{ControlHandle, NodeState};
+use crate::enrollment::Report;
 use crate::identity::CertStore;
 use crate::limits::Carried;
 use crate::metrics::Metrics;
@@ -40,6 +42,9 @@ pub struct Mesh {
     pub carried: Carried,
     /// Connect from the client's own address (`--preserve-source`).
     pub preserve_source: bool,
+    /// The reconcile loop's last round (which pods' veth programs are attached); `None`: all
+    /// are taken as attached.
+    kernel: Option<watch::Receiver<Arc<Report>>>,
 }
 
 /// How often the node's addresses are read again.
@@ -77,6 +82,7 @@ impl Mesh {
             round_robin: AtomicUsize::new(0),
             carried: Carried::default(),
             preserve_source: false,
+            kernel: None,
         }
     }
 
@@ -93,16 +99,46 @@ impl Mesh {
         }
     }
 
-    /// The address to connect from on behalf of a client at `client`: its own with
+    /// The same, told each reconcile round which local pods' veth programs are attached.
+    pub fn with_kernel_report(self, report: watch::Receiver<Arc<Report>>) -> Self {
+        Mesh {
+            kernel: Some(report),
+            ..self
+        }
+    }
+
+    /// The address to connect from on behalf of a client at `client`, for a connection whose
+    /// replies come in over the uplink (HBONE to another node): its own with
     /// `--preserve-source`, else the node's (`None`).
     pub fn source(&self, client: IpAddr) -> Option<IpAddr> {
         self.preserve_source.then_some(client)
     }
 
+    /// The address to connect from on behalf of a client at `client` to `dst`, which may be a
+    /// pod of this node ([`reply_source`]).
+    pub fn source_to(&self, client: IpAddr, dst: IpAddr) -> Option<IpAddr> {
+        if !self.preserve_source {
+            return None;
+        }
+        let state = self.config.state();
+        let report = self.kernel.as_ref().map(|k| k.borrow().clone());
+        reply_source(
+            client,
+            dst,
+            |ip| Mesh::local_workload(&state, ip).is_some(),
+            |ip| {
+                report
+                    .as_ref()
+                    .is_none_or(|r| r.veths_ready.contains(&ip.to_canonical()))
+            },
+        )
+    }
+
     /// Connects to `dst` on behalf of a client at `client`, marked, with keepalive, within
     /// `--connect-timeout`.
     pub async fn connect(&self, dst: SocketAddr, client: IpAddr) -> io::Result<TcpStream> {
-        let connect = connect_marked(dst, self.source(client), self.proxy_mark, self.carried.keepalive);
+        let src = self.source_to(client, dst.ip());
+        let connect = connect_marked(dst, src, self.proxy_mark, self.carried.keepalive);
         tokio::time::timeout(self.connect_timeout, connect)
             .await
             .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "connect timed out"))?
@@ -199,6 +235,20 @@ impl Mesh {
     }
 }
 
+/// The client's address to connect from, or `None` for the node's. A pod of this node replies
+/// to a client's address through the tc program on its veth, which marks the replies for the
+/// proxy: to a pod whose veth programs are not attached (its veth not found yet, or at all) the
+/// proxy connects from the node's address instead, so the connection works, though the pod sees
+/// the node. Replies from elsewhere come in over the uplink and need nothing more.
+pub fn reply_source(
+    client: IpAddr,
+    dst: IpAddr,
+    local_pod: impl Fn(IpAddr) -> bool,
+    veth_ready: impl Fn(IpAddr) -> bool,
+) -> Option<IpAddr> {
+    (!local_pod(dst) || veth_ready(dst)).then_some(client)
+}
+
 #[cfg(test)]
 mod tests {
     use std::str::FromStr;
@@ -278,5 +328,22 @@ mod tests {
         mesh.forget_departed_certificates();
         assert_eq!(mesh.svid(&id).unwrap().serial(), renewed.serial());
         assert_eq!(key_builds(&mesh), 3);
+    }
+
+    #[test]
+    fn the_clients_address_only_where_replies_find_the_proxy() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let (client, local, found, remote) =
+            (ip("10.1.1.10"), ip("10.1.1.11"), ip("10.1.1.12"), ip("10.1.2.10"));
+        let local_pod = |a: IpAddr| [client, local, found].contains(&a);
+        let ready = |a: IpAddr| [client, found].contains(&a);
+        // Replies over the uplink, or through a ready pod's veth.
+        assert_eq!(reply_source(remote, found, local_pod, ready), Some(remote));
+        assert_eq!(reply_source(client, found, local_pod, ready), Some(client));
+        assert_eq!(reply_source(client, remote, local_pod, ready), Some(client));
+        assert_eq!(reply_source(local, found, local_pod, ready), Some(local));
+        // To a pod of this node without its veth programs: the node's address.
+        assert_eq!(reply_source(remote, local, local_pod, ready), None);
+        assert_eq!(reply_source(found, local, local_pod, ready), None);
     }
 }
