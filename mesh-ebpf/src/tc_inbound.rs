@@ -64,13 +64,15 @@ fn inbound(ctx: &TcContext) {
     let capture = if tcp.dst_port == HBONE_PORT {
         count(Counter::InboundMarked);
         true
-    } else if pod_flags & LOCAL_IP_PERMISSIVE != 0 && steer_plain(ctx, &tcp) {
-        true
-    } else if cfg.flags & TC_PRESERVE_SOURCE != 0 && !tcp.fragment && has_socket(ctx, &tcp) {
-        count(Counter::ReplyUplinkMarked);
-        true
     } else {
-        false
+        // Steering already looked the socket up for a packet that opens nothing: the same
+        // lookup answers for a reply, so it is not made twice.
+        let steered = if pod_flags & LOCAL_IP_PERMISSIVE != 0 {
+            steer_plain(ctx, &tcp)
+        } else {
+            None
+        };
+        steered.unwrap_or_else(|| reply(ctx, cfg.flags, &tcp))
     };
     if capture {
         set_mark(ctx, mark(ctx) | cfg.capture_mark);
@@ -93,19 +95,17 @@ fn opaque(ctx: &TcContext) {
     }
 }
 
-/// Whether a plaintext packet to a PERMISSIVE pod goes to the proxy; assigns a SYN to the
-/// plaintext listener.
+/// Whether a plaintext packet to a PERMISSIVE pod goes to the proxy (assigning a SYN to the
+/// plaintext listener); `None` when plaintext steering is off.
 #[inline(always)]
-fn steer_plain(ctx: &TcContext, tcp: &Tcp) -> bool {
-    let Some(port) = config().map(|c| c.inbound_plain_port).filter(|p| *p != 0) else {
-        return false;
-    };
+fn steer_plain(ctx: &TcContext, tcp: &Tcp) -> Option<bool> {
+    let port = config().map(|c| c.inbound_plain_port).filter(|p| *p != 0)?;
     if tcp.fragment {
-        return true;
+        return Some(true);
     }
     let opens = tcp.flags & TCP_FLAG_SYN != 0 && tcp.flags & TCP_FLAG_ACK == 0;
     if !opens {
-        return has_socket(ctx, tcp);
+        return Some(has_socket(ctx, tcp));
     }
     count(Counter::PlainSteered);
     if !assign(ctx, tcp, port) {
@@ -113,7 +113,17 @@ fn steer_plain(ctx: &TcContext, tcp: &Tcp) -> bool {
         // the pod around the proxy.
         count(Counter::PlainNoListener);
     }
-    true
+    Some(true)
+}
+
+/// Whether the packet is a reply to one of the proxy's transparent sockets (`--preserve-source`).
+#[inline(always)]
+fn reply(ctx: &TcContext, tc_flags: u32, tcp: &Tcp) -> bool {
+    let owned = tc_flags & TC_PRESERVE_SOURCE != 0 && !tcp.fragment && has_socket(ctx, tcp);
+    if owned {
+        count(Counter::ReplyUplinkMarked);
+    }
+    owned
 }
 
 /// Assigns the packet to the listener on `port` that accepts for the packet's destination

@@ -70,6 +70,11 @@ impl Maps {
             .map_err(|e| EbpfError::aya("writing mesh_tc_config", e))
     }
 
+    /// Whether `mesh_pod_gw` has an entry for host-side veth `ifindex`.
+    pub(crate) fn has_pod_gateway(&self, ifindex: u32) -> bool {
+        self.pod_gw.get(&ifindex, 0).is_ok()
+    }
+
     /// Sets (`Some`) or clears where a pod's frames on host-side veth `ifindex` are sent when
     /// they belong to the proxy's transparent sockets: (interface, its MAC address).
     pub(crate) fn set_pod_gateway(

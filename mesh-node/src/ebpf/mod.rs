@@ -612,7 +612,11 @@ impl Datapath {
         for &ifindex in veths {
             match sys::if_indextoname(ifindex) {
                 Ok(_) => {
-                    self.set_pod_gateway(ifindex);
+                    // Once per veth: its bridge does not change under it, and every round
+                    // would otherwise cost a netlink exchange per pod.
+                    if !self.maps.has_pod_gateway(ifindex) {
+                        self.set_pod_gateway(ifindex);
+                    }
                     // The reply program first: a pod is never enforced without it.
                     let reply = self.ensure_tc_link(Prog::TcReply, ifindex)?;
                     if self.ensure_tc_link(Prog::TcStrict, ifindex)? || reply {

@@ -35,10 +35,7 @@ pub async fn carry_to(
     dst: std::net::SocketAddr,
 ) -> io::Result<(u64, u64)> {
     match mesh.connect(dst, meta.src_addr.ip()).await {
-        Ok(upstream) => {
-            let _ = client.set_nodelay(true);
-            carry(mesh, client, meta, upstream).await
-        }
+        Ok(upstream) => carry(mesh, client, meta, upstream).await,
         Err(e) => Err(fail(
             mesh,
             &client,

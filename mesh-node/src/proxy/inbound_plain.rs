@@ -63,7 +63,7 @@ pub async fn handle(mesh: Arc<Mesh>, client: TcpStream, peer: SocketAddr) {
 /// The pod the client meant, when it is a PERMISSIVE enrolled pod of this node.
 fn destination(state: &NodeState, conn: &TcpStream) -> Result<(SocketAddr, Workload), &'static str> {
     let local = conn.local_addr().map_err(|_| "no local address")?;
-    let dst = if Mesh::local_workload(state, local.ip()).is_some() {
+    let dst = if Mesh::local_pod(state, local.ip()).is_some() {
         local
     } else {
         original_dst(conn).map_err(|_| "no original destination")?
@@ -95,6 +95,7 @@ async fn authorize_and_carry(
             format!("denied by policy {policy}"),
         ));
     }
+    let _ = client.set_nodelay(true);
     // From the client's own address: the pod sees who called, as it would without the mesh.
     carry::carry_to(mesh, client, meta, dst).await
 }

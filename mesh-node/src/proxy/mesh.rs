@@ -125,7 +125,7 @@ impl Mesh {
         reply_source(
             client,
             dst,
-            |ip| Mesh::local_workload(&state, ip).is_some(),
+            |ip| Mesh::local_pod(&state, ip).is_some(),
             |ip| {
                 report
                     .as_ref()
@@ -154,11 +154,15 @@ impl Mesh {
     }
 
     /// An enrolled pod of this node with address `ip`.
-    pub fn local_workload(state: &NodeState, ip: IpAddr) -> Option<Workload> {
+    pub fn local_pod(state: &NodeState, ip: IpAddr) -> Option<&Workload> {
         state
             .workload_by_ip(ip)
             .filter(|w| w.enrolled && w.node == state.node)
-            .cloned()
+    }
+
+    /// [`Mesh::local_pod`], owned.
+    pub fn local_workload(state: &NodeState, ip: IpAddr) -> Option<Workload> {
+        Mesh::local_pod(state, ip).cloned()
     }
 
     /// The certificate of a local identity as TLS material; `None` until it is issued. Its key
